@@ -188,7 +188,6 @@ def _ext_default(obj: Any) -> Any:
   """msgpack `default` hook writing numpy values as flax ext types."""
 
   def _pack(arr: np.ndarray) -> bytes:
-    arr = np.ascontiguousarray(arr)
     return msgpack.packb((list(arr.shape), arr.dtype.name, arr.tobytes('C')),
                          use_bin_type=True)
 
@@ -607,7 +606,7 @@ def write_t5x_checkpoint(params: Mapping[str, Any],
         return out
       array = np.asarray(node)
       if array.size <= inline_max_size:
-        return np.ascontiguousarray(array)
+        return array
       name = '.'.join(('target',) + keys)
       metadata = write_zarr_array(array, os.path.join(tmp_dir, name),
                                   max_chunk_bytes=max_chunk_bytes)

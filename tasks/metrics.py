@@ -106,7 +106,8 @@ def _token_f1(target: str, prediction: str) -> float:
   """
   prediction_tokens = prediction.split()
   target_tokens = target.split()
-  num_common = sum((Counter(prediction_tokens) & Counter(target_tokens)).values())
+  common = Counter(prediction_tokens) & Counter(target_tokens)
+  num_common = sum(common.values())
   if num_common == 0:
     return 0.0
   precision = num_common / len(prediction_tokens)

@@ -417,7 +417,9 @@ def test_task_metrics_return_official_key_as_python_float(task):
   for metric_fn in metrics.TASK_METRICS[task]:
     outputs.update(metric_fn(["PER: x"], [prediction]))
   assert metrics.OFFICIAL_METRIC[task] in outputs
-  assert all(type(value) is float for value in outputs.values())  # pylint: disable=unidiomatic-typecheck
+  # Exactly float (not numpy.float64), as SeqIO summaries expect.
+  for value in outputs.values():
+    assert type(value) is float  # pylint: disable=unidiomatic-typecheck
 
 
 def test_task_metric_assignment():
