@@ -47,6 +47,7 @@ import re
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
+from safetensors import numpy as safetensors_np
 
 PyTree = Any
 Params = dict[str, Any]
@@ -263,8 +264,6 @@ def _to_float32(array: np.ndarray) -> np.ndarray:
 
 
 def _read_safetensors(path: str) -> StateDict:
-  from safetensors import numpy as safetensors_np  # pylint: disable=g-import-not-at-top
-
   return {k: _to_float32(v) for k, v in safetensors_np.load_file(path).items()}
 
 
@@ -461,8 +460,6 @@ def write_hf_checkpoint(state_dict: Mapping[str, Any],
   Raises:
     ValueError: if `shared.weight` is missing or disagrees with the config.
   """
-  from safetensors import numpy as safetensors_np  # pylint: disable=g-import-not-at-top
-
   if 'emb_dim' in config:
     hf_config = hf_config_from_t5_config(config)
   else:

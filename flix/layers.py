@@ -23,8 +23,8 @@ Strategies (all exact; tests check each against a naive per-token sum):
              of `max_segments` slots; the slots' adapters are gathered once per
              row ([B, S, D, K], tiny) and applied with a batched matmul. Cost
              does not depend on the inventory size V. A row with more runs than
-             slots makes the whole batch fall back to "gather" (lax.cond), so
-             the result is always exact. Default.
+             slots gives NaN (never a silently wrong value);
+             `check_max_segments` tells the user on the host. Default.
   "gather"   per-token gather of A and B ([B, L, D, K]): general, memory-heavy;
              right for decoding (L = 1).
   "dense"    all adapters concatenated along rank, masked per token: no gather,
@@ -126,17 +126,44 @@ def segment_slots(ids: Array, num_slots: int):
 
 def _delta_segment(space, x, ids, adapters, num_slots):
   slot_ids, token_slot, max_runs = segment_slots(ids, num_slots)
-
-  def by_slots(x):
-    a, coef, b = _gather_adapters(space, adapters, slot_ids)  # [B,S,D,K] ...
+  a, coef, b = _gather_adapters(space, adapters, slot_ids)  # [B,S,D,K] ...
+  token_slot = token_slot.astype(x.dtype)
+  if num_slots == 1:  # one example per row: plain batched matmuls
+    h = jnp.einsum("bld,bdk->blk", x, a[:, 0]) * (coef[:, :1] * token_slot)
+    delta = jnp.einsum("blk,bko->blo", h, b[:, 0])
+  else:
     h = jnp.einsum("bld,bsdk->blsk", x, a)
-    h = h * (coef[:, None] * token_slot[..., None].astype(h.dtype))
-    return jnp.einsum("blsk,bsko->blo", h, b)
+    h = h * (coef[:, None] * token_slot[..., None])
+    delta = jnp.einsum("blsk,bsko->blo", h, b)
+  # A row with more runs than slots cannot be computed exactly here. A
+  # lax.cond fallback to "gather" made the backward pass 5x slower (its
+  # residuals are materialised for both branches), so instead the result is
+  # poisoned with NaN: never silently wrong. `check_max_segments` raises the
+  # readable error on the host before a step.
+  return jnp.where(max_runs > num_slots, jnp.nan, delta)
 
-  return jax.lax.cond(
-      max_runs > num_slots,
-      lambda x: _delta_gather(space, x, ids, adapters),
-      by_slots, x)
+
+def check_max_segments(feature_ids: np.ndarray, max_segments: int,
+                       strategy: str = "segment") -> None:
+  """Raises if a row holds more runs of feature ids than the layer has slots.
+
+  Args:
+    feature_ids: int [B, L, G] numpy ids of a batch (host side).
+    max_segments: the layers' `max_segments`.
+    strategy: the layers' strategy; only "segment" has the limit.
+  """
+  if strategy != "segment":
+    return
+  ids = np.asarray(feature_ids)
+  active = np.any(ids != features_lib.NO_FEATURE, axis=-1)
+  previous = np.concatenate([np.zeros_like(ids[:, :1]), ids[:, :-1]], axis=1)
+  runs = np.sum(active & np.any(ids != previous, axis=-1), axis=1)
+  if runs.size and runs.max() > max_segments:
+    raise ValueError(
+        f"A batch row packs {int(runs.max())} examples with different "
+        f"features, but the FLix layers have max_segments={max_segments} "
+        "slots per row. Set network.T5Config.max_segments (gin) to at least "
+        "the number of examples packed per row, or use strategy 'gather'.")
 
 
 def _delta_dense(space, x, ids, adapters):

@@ -433,7 +433,7 @@ def write_zarr_array(array: np.ndarray,
 
 
 def _read_zarr_with_tensorstore(url: str) -> np.ndarray:
-  """Reads a zarr array at a URL (gs://bucket/..., file:///...) with TensorStore.
+  """Reads a zarr array at a URL (gs://bucket/..., file:///...) via TensorStore.
 
   This is the path used for checkpoints on GCS (e.g. the public
   `gs://t5-data/pretrained_models/t5x/mt5_*` checkpoints); it needs network
@@ -574,7 +574,7 @@ def write_t5x_checkpoint(params: Mapping[str, Any],
 
   Args:
     params: nested dict of arrays (numpy or jax), keyed like T5X.
-    path: checkpoint directory to create, conventionally `.../checkpoint_<step>`.
+    path: checkpoint directory to create, usually `.../checkpoint_<step>`.
     step: training step to store.
     inline_max_size: largest number of elements of an inline leaf.
     max_chunk_bytes: zarr chunk size budget.

@@ -6,6 +6,7 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
+from safetensors import numpy as safetensors_np
 
 from flix import hf_checkpoint
 from flix import t5x_checkpoint
@@ -38,7 +39,8 @@ def _expected_t5x_shapes(v, d, hk, f, h, b, num_enc, num_dec, untied=True):
     p = f'encoder/layers_{i}'
     shapes[f'{p}/pre_attention_layer_norm/scale'] = (d,)
     shapes[f'{p}/pre_mlp_layer_norm/scale'] = (d,)
-    shapes.update({f'{p}/attention/{n}/kernel': s for n, s in attention.items()})
+    shapes.update(
+        {f'{p}/attention/{n}/kernel': s for n, s in attention.items()})
     shapes.update({f'{p}/mlp/{n}/kernel': s for n, s in mlp.items()})
   for i in range(num_dec):
     p = f'decoder/layers_{i}'
@@ -209,8 +211,6 @@ def test_pytorch_bin_with_tied_embedding_copies(saved_model, tmp_path):
 
 
 def test_sharded_safetensors(saved_model, tmp_path):
-  from safetensors import numpy as safetensors_np  # pylint: disable=g-import-not-at-top
-
   _, directory = saved_model
   state_dict = hf_checkpoint.read_hf_checkpoint(directory)
   keys = sorted(state_dict)
@@ -269,7 +269,6 @@ def test_real_t5x_checkpoint_round_trips_through_hf_names():
 
 
 def _synthetic_state_dict():
-  tree = {}
   shapes = _expected_t5x_shapes(v=64, d=16, hk=16, f=24, h=4, b=8, num_enc=3,
                                 num_dec=1)
   rng = np.random.default_rng(0)
@@ -307,8 +306,6 @@ def test_t5x_to_hf_rejects_extra_paths():
 
 
 def test_bfloat16_safetensors_read_as_float32(tmp_path):
-  from safetensors import numpy as safetensors_np  # pylint: disable=g-import-not-at-top
-
   state_dict = _synthetic_state_dict()
   safetensors_np.save_file(
       {k: v.astype(ml_dtypes.bfloat16) for k, v in state_dict.items()},

@@ -56,17 +56,37 @@ def _packed_ids(rng, batch, length, space):
 
 
 @pytest.mark.parametrize("strategy", layers.STRATEGIES)
-@pytest.mark.parametrize("max_segments", [1, 3, 16])
-def test_delta_matches_naive_sum(strategy, max_segments):
+@pytest.mark.parametrize("packed", [False, True])
+def test_delta_matches_naive_sum(strategy, packed):
   rng = np.random.default_rng(1)
   x = rng.normal(size=(3, 11, 5)).astype(np.float32)
-  ids = _packed_ids(rng, 3, 11, SPACE)
+  if packed:
+    ids = _packed_ids(rng, 3, 11, SPACE)
+    max_segments = 11
+  else:  # one example per row, some groups absent, padding at the end
+    ids = np.zeros((3, 11, SPACE.num_groups), np.int32)
+    ids[:, :8] = np.array([[1, 0, 2], [3, 4, 0], [0, 0, 1]])[:, None]
+    max_segments = 1
   adapters = _random_adapters(SPACE, 5, 7)
   got = layers.flix_delta(SPACE, jnp.asarray(x), jnp.asarray(ids),
                           [tuple(map(jnp.asarray, ab)) for ab in adapters],
                           strategy=strategy, max_segments=max_segments)
   np.testing.assert_allclose(got, naive_delta(SPACE, x, ids, adapters),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_segment_overflow_is_nan_and_host_check_raises():
+  rng = np.random.default_rng(2)
+  ids = _packed_ids(rng, 2, 11, SPACE)
+  x = jnp.ones((2, 11, 5))
+  adapters = [tuple(map(jnp.asarray, ab))
+              for ab in _random_adapters(SPACE, 5, 7)]
+  got = layers.flix_delta(SPACE, x, jnp.asarray(ids), adapters,
+                          strategy="segment", max_segments=1)
+  assert np.isnan(np.asarray(got)).all()
+  with pytest.raises(ValueError, match="max_segments=1"):
+    layers.check_max_segments(ids, 1)
+  layers.check_max_segments(ids, 11)
 
 
 def test_unknown_values_encode_as_absent_and_match_known_only():
