@@ -1,0 +1,189 @@
+"""Orbax train checkpoints, adapter-only by construction, and base loading.
+
+A run's checkpoint `MODEL_DIR/checkpoints/<step>/` holds three items:
+
+  params     the trainable params only (FLix/LoRA: the adapters, kilobytes to
+             megabytes; full fine-tuning: everything)
+  opt_state  their optimizer state
+  meta       JSON: feature vocabulary, network config, the base reference
+             (`initial_checkpoint` path or `init_seed`), trainable patterns,
+             data position (batches consumed), step
+
+Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a crash mid-save leaves the previous checkpoint as the latest.
+The frozen base is not saved again: it is rebuilt from the base reference.
+
+`load_base_params` reads base weights from any of: a legacy T5X checkpoint
+(public mT5), a Hugging Face mT5 directory, or a flix Orbax checkpoint (whose
+own base is loaded recursively and its trained params merged in).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+PyTree = Any
+META_FILE = "flix_meta.json"
+
+
+def checkpoint_dir(model_dir: str) -> str:
+  return os.path.join(os.path.abspath(model_dir), "checkpoints")
+
+
+class Checkpointer:
+  """Periodic, atomic Orbax checkpoints of (params, opt_state, meta)."""
+
+  def __init__(self, model_dir: str, keep: Optional[int] = 3,
+               save_period: int = 1):
+    self.directory = checkpoint_dir(model_dir)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=save_period, create=True),
+        item_names=("params", "opt_state", "meta"))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, params: PyTree, opt_state: PyTree,
+           meta: Mapping[str, Any], force: bool = False) -> bool:
+    saved = self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(dict(meta))),
+        force=force)
+    return saved
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_params: PyTree,
+              abstract_opt_state: PyTree):
+    """Restores (params, opt_state, meta) onto the given abstract targets."""
+    restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            meta=ocp.args.JsonRestore()))
+    return restored["params"], restored["opt_state"], restored["meta"]
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def resolve_step_dir(path: str) -> str:
+  """Accepts a MODEL_DIR, its checkpoints/ dir, or one step's dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "params")):
+    return path
+  for candidate in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(candidate):
+      steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
+      if steps:
+        return os.path.join(candidate, str(max(steps)))
+  raise FileNotFoundError(
+      f"No flix checkpoint at {path}: expected a step directory with "
+      "params/ and meta/, or a MODEL_DIR whose checkpoints/ holds some.")
+
+
+def read_flix_checkpoint(path: str):
+  """Reads (trained params as numpy, meta dict) of a flix checkpoint."""
+  step_dir = resolve_step_dir(path)
+  checkpointer = ocp.StandardCheckpointer()
+  params = checkpointer.restore(os.path.join(step_dir, "params"))
+  checkpointer.close()
+  with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
+    meta = json.load(f)
+  return jax.tree.map(np.asarray, params), meta
+
+
+def _is_t5x_legacy(path: str) -> bool:
+  ckpt = path if os.path.isfile(path) else os.path.join(path, "checkpoint")
+  return os.path.isfile(ckpt) and not os.path.isdir(os.path.join(path,
+                                                                 "params"))
+
+
+def _is_hf(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+      f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
+
+
+def load_any_params(path: str) -> PyTree:
+  """All params stored under `path`, as a nested numpy dict (T5X names)."""
+  if path.startswith("gs://"):
+    from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
+    return t5x_checkpoint.read_t5x_checkpoint(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"INITIAL_CHECKPOINT_PATH {path} does not exist. Give a T5X "
+        "checkpoint directory (…/checkpoint_1000000), a Hugging Face mT5 "
+        "directory (config.json + model.safetensors) or a flix MODEL_DIR.")
+  if _is_hf(path):
+    from flix import hf_checkpoint  # pylint: disable=g-import-not-at-top
+    return hf_checkpoint.hf_to_t5x(hf_checkpoint.read_hf_checkpoint(path))
+  if _is_t5x_legacy(path):
+    from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
+    return t5x_checkpoint.read_t5x_checkpoint(path)
+  params, meta = read_flix_checkpoint(path)
+  base = meta.get("base", {})
+  if base.get("initial_checkpoint"):
+    merged = traverse_util.flatten_dict(
+        load_any_params(base["initial_checkpoint"]), sep="/")
+    merged.update(traverse_util.flatten_dict(params, sep="/"))
+    return traverse_util.unflatten_dict(merged, sep="/")
+  if base.get("init_seed") is not None and "frozen" not in meta:
+    logging.info("Checkpoint %s was trained on a randomly initialised base "
+                 "(seed %s).", path, base["init_seed"])
+  return params
+
+
+def restore_base_params(target: PyTree, path: str,
+                        fresh_patterns: tuple[str, ...] = ()) -> PyTree:
+  """Fills every param of `target` from the checkpoint at `path`.
+
+  Params matching `fresh_patterns` (the adapters) keep their initial values.
+  Every other param must be found with the same shape: a missing or
+  mis-shaped one is an error naming it (no silent random init).
+
+  Args:
+    target: nested dict of initial arrays (defines names and shapes).
+    path: checkpoint location, see `load_any_params`.
+    fresh_patterns: regexes of params that start fresh.
+
+  Returns:
+    nested dict like `target`.
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  loaded = traverse_util.flatten_dict(load_any_params(path), sep="/")
+  fresh = [re.compile(p) for p in fresh_patterns]
+  out, missing, wrong = {}, [], []
+  for name, value in traverse_util.flatten_dict(target, sep="/").items():
+    if any(r.fullmatch(name) for r in fresh):
+      out[name] = value
+    elif name not in loaded:
+      missing.append(name)
+    elif tuple(loaded[name].shape) != tuple(value.shape):
+      wrong.append(f"{name}: checkpoint {tuple(loaded[name].shape)} vs model "
+                   f"{tuple(value.shape)}")
+    else:
+      out[name] = np.asarray(loaded[name], dtype=value.dtype)
+  if missing or wrong:
+    raise ValueError(
+        f"Base checkpoint {path} does not fit the model: "
+        f"{len(missing)} params missing ({', '.join(missing[:5])}"
+        f"{', ...' if len(missing) > 5 else ''}); {len(wrong)} with another "
+        f"shape ({'; '.join(wrong[:5])}). Check the model gin (sizes) "
+        "against the checkpoint.")
+  return traverse_util.unflatten_dict(out, sep="/")

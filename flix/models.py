@@ -1,0 +1,236 @@
+"""The encoder-decoder model: loss, scoring and prediction around the network.
+
+A `FlixModel` binds a `network.Transformer` to the batch layout produced by
+`flix_tasks.converter.FlixFeatureConverter` (numpy arrays):
+
+  encoder_input_tokens  [B, Le]      decoder_input_tokens   [B, Ld]
+  decoder_target_tokens [B, Ld]      decoder_loss_weights   [B, Ld]
+  encoder_feature_ids   [B, Le, G]   decoder_feature_ids    [B, Ld, G]
+  (packed: encoder_/decoder_segment_ids, encoder_/decoder_positions [B, L])
+
+Feature dropout happens here, in training only: one draw per (example, group),
+shared by the example's encoder and decoder tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flix import decoding
+from flix import features as features_lib
+from flix import network
+
+Array = jax.Array
+PyTree = Any
+Batch = Mapping[str, Array]
+
+# T5X's special loss normalisation: divide by the number of real target tokens.
+NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
+
+
+def cross_entropy_with_z_loss(logits: Array, targets: Array, weights: Array,
+                              label_smoothing: float = 0.0,
+                              z_loss: float = 0.0):
+  """T5X's weighted cross entropy with label smoothing and z-loss.
+
+  Args:
+    logits: [B, L, V] float32.
+    targets: int [B, L].
+    weights: [B, L] loss weights (0 on padding).
+    label_smoothing: mass spread uniformly over the vocabulary.
+    z_loss: coefficient of log(Z)^2, which keeps the softmax normaliser near 1.
+
+  Returns:
+    (sum of weighted token losses, sum of weighted z-losses), scalars.
+  """
+  vocab = logits.shape[-1]
+  confidence = 1.0 - label_smoothing
+  low = label_smoothing / (vocab - 1)
+  # Entropy of the smoothed target distribution, so a perfect model has 0 loss.
+  normalizing_constant = -(
+      confidence * np.log(confidence) +
+      (vocab - 1) * low * np.log(low + 1e-20)) if label_smoothing else 0.0
+  soft_targets = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  log_probs = logits - log_z[..., None]
+  token_loss = -jnp.sum(soft_targets * log_probs, axis=-1) - normalizing_constant
+  token_z_loss = z_loss * jnp.square(log_z)
+  return (jnp.sum((token_loss + token_z_loss) * weights),
+          jnp.sum(token_z_loss * weights))
+
+
+@dataclasses.dataclass(frozen=True)
+class FlixModel:
+  """Loss, scoring and decoding for an mT5 network with FLix adapters.
+
+  Attributes:
+    config: the network config (its `feature_space` says which adapters exist).
+    z_loss: T5X z-loss coefficient (1e-4 in T5X configs).
+    label_smoothing: label smoothing mass.
+    loss_normalizing_factor: None (sum over tokens, T5X's default), a number,
+      or "NUM_REAL_TARGET_TOKENS" (mean over real target tokens).
+  """
+
+  config: network.T5Config
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  loss_normalizing_factor: Union[None, float, str] = NUM_REAL_TARGET_TOKENS
+
+  @property
+  def module(self) -> network.Transformer:
+    return network.Transformer(self.config)
+
+  @property
+  def feature_space(self) -> Optional[features_lib.FeatureSpace]:
+    return self.config.feature_space
+
+  @property
+  def num_groups(self) -> int:
+    space = self.feature_space
+    return space.num_groups if space is not None else 0
+
+  # ---- Parameters ----
+
+  def dummy_batch(self, batch_size: int, input_length: int,
+                  target_length: int) -> dict[str, np.ndarray]:
+    groups = max(self.num_groups, 1)
+    return {
+        "encoder_input_tokens": np.ones((batch_size, input_length), np.int32),
+        "decoder_input_tokens": np.ones((batch_size, target_length), np.int32),
+        "decoder_target_tokens": np.ones((batch_size, target_length),
+                                         np.int32),
+        "encoder_feature_ids": np.zeros((batch_size, input_length, groups),
+                                        np.int32),
+        "decoder_feature_ids": np.zeros((batch_size, target_length, groups),
+                                        np.int32),
+    }
+
+  def init_boxed(self, rng: Array, input_length: int = 8,
+                 target_length: int = 8) -> PyTree:
+    """Initial params with their logical-partitioning boxes."""
+    batch = self.dummy_batch(1, input_length, target_length)
+    return self.module.init(
+        rng, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"], self._ids(batch, "encoder"),
+        self._ids(batch, "decoder"), enable_dropout=False)["params"]
+
+  def init_params(self, rng: Array) -> PyTree:
+    """Initial params as plain arrays (unboxed)."""
+    return nn.unbox(self.init_boxed(rng))
+
+  def abstract_params(self) -> PyTree:
+    """Boxed ShapeDtypeStructs of the params: no allocation."""
+    return jax.eval_shape(self.init_boxed, jax.random.PRNGKey(0))
+
+  def param_logical_axes(self) -> PyTree:
+    """Tree of logical PartitionSpecs, same structure as the params."""
+    return nn.get_partition_spec(self.abstract_params())
+
+  # ---- Forward ----
+
+  def _ids(self, batch: Batch, side: str) -> Optional[Array]:
+    if self.feature_space is None:
+      return None
+    return batch[f"{side}_feature_ids"]
+
+  def _dropped_feature_ids(self, batch: Batch, rng: Array):
+    """Applies feature dropout to encoder and decoder ids alike."""
+    enc_ids, dec_ids = self._ids(batch, "encoder"), self._ids(batch, "decoder")
+    space = self.feature_space
+    if space is None or rng is None or not np.any(space.dropout_rates() > 0):
+      return enc_ids, dec_ids
+    num_slots = max(enc_ids.shape[1], dec_ids.shape[1]) + 1
+    keep = features_lib.sample_feature_keep(rng, enc_ids.shape[0], num_slots,
+                                            space.dropout_rates())
+    return (features_lib.apply_feature_keep(
+        enc_ids, keep, batch.get("encoder_segment_ids")),
+            features_lib.apply_feature_keep(
+                dec_ids, keep, batch.get("decoder_segment_ids")))
+
+  def compute_logits(self, params: PyTree, batch: Batch,
+                     dropout_rng: Optional[Array] = None,
+                     feature_rng: Optional[Array] = None) -> Array:
+    """Teacher-forced logits, float32 [B, Ld, V]."""
+    enc_ids, dec_ids = self._dropped_feature_ids(batch, feature_rng)
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    return self.module.apply(
+        {"params": params},
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"],
+        enc_ids,
+        dec_ids,
+        encoder_segment_ids=batch.get("encoder_segment_ids"),
+        decoder_segment_ids=batch.get("decoder_segment_ids"),
+        encoder_positions=batch.get("encoder_positions"),
+        decoder_positions=batch.get("decoder_positions"),
+        enable_dropout=dropout_rng is not None,
+        rngs=rngs)
+
+  def loss_fn(self, params: PyTree, batch: Batch,
+              dropout_rng: Optional[Array] = None,
+              feature_rng: Optional[Array] = None):
+    """Training loss (dropout and feature dropout when rngs are given).
+
+    Returns:
+      (loss scalar, metrics dict of scalars: loss, z_loss, weight_sum,
+      accuracy).
+    """
+    logits = self.compute_logits(params, batch, dropout_rng, feature_rng)
+    targets = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+      weights = (targets > 0).astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    total, z_total = cross_entropy_with_z_loss(
+        logits, targets, weights, self.label_smoothing, self.z_loss)
+    weight_sum = jnp.sum(weights)
+    if self.loss_normalizing_factor == NUM_REAL_TARGET_TOKENS:
+      denominator = jnp.maximum(weight_sum, 1.0)
+    elif self.loss_normalizing_factor is None:
+      denominator = 1.0
+    else:
+      denominator = float(self.loss_normalizing_factor)
+    correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+    metrics = {
+        "loss": total / denominator,
+        "z_loss": z_total / denominator,
+        "weight_sum": weight_sum,
+        "accuracy": correct / jnp.maximum(weight_sum, 1.0),
+        "token_loss": (total - z_total) / jnp.maximum(weight_sum, 1.0),
+    }
+    return total / denominator, metrics
+
+  def score_batch(self, params: PyTree, batch: Batch) -> Array:
+    """Log-likelihood of each target sequence, [B]."""
+    logits = self.compute_logits(params, batch)
+    targets = batch["decoder_target_tokens"]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    token = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    return jnp.sum(token * (targets > 0), axis=-1)
+
+  # ---- Decoding ----
+
+  def predict_batch(self, params: PyTree, batch: Batch,
+                    max_decode_length: int, method: str = "greedy",
+                    beam_size: int = 4, temperature: float = 1.0,
+                    topk: int = 0, alpha: float = 0.6,
+                    rng: Optional[Array] = None, num_decodes: int = 1):
+    """Decodes targets for the batch's inputs with the KV cache.
+
+    Returns:
+      (tokens int [B, num_decodes, max_decode_length], scores [B, num_decodes])
+      best first.
+    """
+    return decoding.predict(
+        self.module, params, batch["encoder_input_tokens"],
+        self._ids(batch, "encoder"), self._ids(batch, "decoder"),
+        max_decode_length=max_decode_length, method=method,
+        beam_size=beam_size, temperature=temperature, topk=topk, alpha=alpha,
+        rng=rng, num_decodes=num_decodes)

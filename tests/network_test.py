@@ -1,0 +1,412 @@
+"""The mT5 network: T5X parameter tree, relative positions, FLix wiring."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flix import features as features_lib
+from flix import network
+from flix import t5x_checkpoint
+
+from conftest import SHARED_TESTDATA
+
+SPACE = features_lib.FeatureSpace(groups=(
+    features_lib.FeatureGroup("task", ("a", "b", "c"), rank=4, alpha=8.0),
+    features_lib.FeatureGroup("language", ("x", "y", "z", "w", "v"), rank=2,
+                              value_ranks=(("w", 3),)),
+))
+
+
+def _flat(tree):
+  return t5x_checkpoint.flatten_params(tree)
+
+
+def _abstract_params(cfg, length=1):
+  """Boxed abstract params of `cfg` from `jax.eval_shape` (no allocation)."""
+  model = network.Transformer(cfg)
+  tokens = jnp.ones((1, length), jnp.int32)
+  ids = None
+  if cfg.feature_space is not None:
+    ids = jnp.zeros((1, length, cfg.feature_space.num_groups), jnp.int32)
+  variables = jax.eval_shape(
+      lambda rng: model.init(rng, tokens, tokens, tokens, ids, ids,
+                             enable_dropout=False), jax.random.PRNGKey(0))
+  return variables["params"]
+
+
+def t5x_tree(cfg):
+  """{path: (shape, logical axes)} of T5X_NOTES.md §1.3, written out."""
+  d, hk, f, v = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, (
+      cfg.vocab_size)
+  embed = ((d,), ("embed",))
+  tree = {
+      "token_embedder/embedding": ((v, d), ("vocab", "embed")),
+      "encoder/relpos_bias/rel_embedding": (
+          (cfg.num_heads, 32), ("heads", "relpos_buckets")),
+      "encoder/encoder_norm/scale": embed,
+      "decoder/relpos_bias/rel_embedding": (
+          (cfg.num_heads, 32), ("heads", "relpos_buckets")),
+      "decoder/decoder_norm/scale": embed,
+      "decoder/logits_dense/kernel": ((d, v), ("embed", "vocab")),
+  }
+
+  def attention(prefix):
+    for name in ("query", "key", "value"):
+      tree[f"{prefix}/{name}/kernel"] = ((d, hk), ("embed", "joined_kv"))
+    tree[f"{prefix}/out/kernel"] = ((hk, d), ("joined_kv", "embed"))
+
+  def mlp(prefix):
+    tree[f"{prefix}/wi_0/kernel"] = ((d, f), ("embed", "mlp"))
+    tree[f"{prefix}/wi_1/kernel"] = ((d, f), ("embed", "mlp"))
+    tree[f"{prefix}/wo/kernel"] = ((f, d), ("mlp", "embed"))
+
+  for i in range(cfg.num_encoder_layers):
+    p = f"encoder/layers_{i}"
+    tree[f"{p}/pre_attention_layer_norm/scale"] = embed
+    attention(f"{p}/attention")
+    tree[f"{p}/pre_mlp_layer_norm/scale"] = embed
+    mlp(f"{p}/mlp")
+  for i in range(cfg.num_decoder_layers):
+    p = f"decoder/layers_{i}"
+    tree[f"{p}/pre_self_attention_layer_norm/scale"] = embed
+    attention(f"{p}/self_attention")
+    tree[f"{p}/pre_cross_attention_layer_norm/scale"] = embed
+    attention(f"{p}/encoder_decoder_attention")
+    tree[f"{p}/pre_mlp_layer_norm/scale"] = embed
+    mlp(f"{p}/mlp")
+  return tree
+
+
+# Millions of parameters (T5X_NOTES.md §1.4; ByT5: the published sizes).
+_TOTALS = {"mt5_small": 300.2, "mt5_base": 582.4, "mt5_large": 1229.6,
+           "mt5_xl": 3742.6, "mt5_xxl": 12921.1, "byt5_small": 300.0,
+           "byt5_base": 582.0}
+
+
+@pytest.mark.parametrize("name", sorted(_TOTALS))
+def test_param_tree_is_t5x(name):
+  cfg = network.preset(name)
+  params = _abstract_params(cfg)
+  got = _flat(params)
+  expected = t5x_tree(cfg)
+  assert sorted(got) == sorted(expected)
+  for path, (shape, axes) in expected.items():
+    leaf = got[path]
+    assert isinstance(leaf, nn.LogicallyPartitioned), path
+    assert leaf.value.shape == shape, path
+    assert leaf.value.dtype == jnp.float32, path
+    assert tuple(leaf.names) == axes, path
+  total = sum(math.prod(s) for s, _ in expected.values()) / 1e6
+  if name.startswith("mt5"):
+    assert round(total, 1) == _TOTALS[name]
+  assert abs(total / _TOTALS[name] - 1) < 0.01
+
+
+def test_mt5_xl_has_3_74b_params():
+  params = nn.unbox(_abstract_params(network.preset("mt5_xl")))
+  total = sum(x.size for x in jax.tree.leaves(params))
+  assert abs(total / 3.74e9 - 1) < 0.01
+
+
+def _adapted_layers(cfg):
+  """(d_in, d_out) of every layer that should carry adapters."""
+  d, hk, f = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim
+  dims = {"query": (d, hk), "key": (d, hk), "value": (d, hk), "out": (hk, d),
+          "wi_0": (d, f), "wi_1": (d, f), "wo": (f, d)}
+  shapes = []
+  for stack, n_layers, n_attn in (("encoder", cfg.num_encoder_layers, 1),
+                                  ("decoder", cfg.num_decoder_layers, 2)):
+    if stack not in cfg.adapter_stacks:
+      continue
+    for name in cfg.adapter_targets:
+      reps = n_attn if name in ("query", "key", "value", "out") else 1
+      shapes += [dims[name]] * (reps * n_layers)
+  return shapes
+
+
+@pytest.mark.parametrize("name,space,overrides", [
+    ("tiny", SPACE, {}),
+    ("tiny", SPACE, dict(adapter_stacks=("decoder",),
+                         adapter_targets=("query", "value", "wo"))),
+    ("mt5_small", features_lib.FeatureSpace.lora(rank=8), {}),
+])
+def test_adapters_add_exactly_their_params(name, space, overrides):
+  base = network.preset(name, **overrides)
+  cfg = network.preset(name, feature_space=space, **overrides)
+  base_params = _flat(nn.unbox(_abstract_params(base)))
+  params = _flat(nn.unbox(_abstract_params(cfg)))
+  adapter_paths = [p for p in params if "/lora_" in p]
+  assert set(params) - set(adapter_paths) == set(base_params)
+  for path in adapter_paths:
+    kernel = params[path.rsplit("/", 1)[0] + "/kernel"]
+    group = space.group(path.rsplit("/lora_", 1)[1][2:])
+    d_in, d_out = kernel.shape
+    expected = ((group.num_values, d_in, group.max_rank) if "/lora_a_" in path
+                else (group.num_values, group.max_rank, d_out))
+    assert params[path].shape == expected, path
+  added = sum(params[p].size for p in adapter_paths)
+  assert added == sum(space.num_adapter_params(i, o)
+                      for i, o in _adapted_layers(cfg))
+
+
+# ---- Relative position buckets ----
+
+
+def _bucket_by_hand(n, bidirectional, num_buckets=32, max_distance=128):
+  """T5X_NOTES §1.2, n = query_pos - memory_pos, written out per scalar."""
+  offset = 0
+  if bidirectional:
+    num_buckets //= 2
+    if n < 0:
+      offset, n = num_buckets, -n
+  else:
+    n = max(n, 0)
+  max_exact = num_buckets // 2
+  if n < max_exact:
+    return offset + n
+  ratio = np.float32(n) / np.float32(max_exact) + np.finfo(np.float32).eps
+  val = np.log(ratio) / np.float32(math.log(max_distance / max_exact))
+  val = max_exact + int(val * np.float32(num_buckets - max_exact))
+  return offset + min(val, num_buckets - 1)
+
+
+# (n = query - memory position, expected bucket): exact, log and far ranges.
+_BIDIRECTIONAL = [(0, 0), (1, 1), (7, 7), (8, 8), (11, 8), (12, 9), (16, 10),
+                  (31, 11), (32, 12), (63, 13), (64, 14), (90, 14), (91, 15),
+                  (127, 15), (128, 15), (129, 15), (500, 15), (-1, 17),
+                  (-7, 23), (-8, 24), (-16, 26), (-32, 28), (-64, 30),
+                  (-128, 31), (-1000, 31)]
+_UNIDIRECTIONAL = [(0, 0), (15, 15), (16, 16), (31, 21), (32, 21), (64, 26),
+                   (127, 31), (128, 31), (129, 31), (1000, 31), (-1, 0),
+                   (-64, 0)]
+
+
+@pytest.mark.parametrize("bidirectional,table", [(True, _BIDIRECTIONAL),
+                                                 (False, _UNIDIRECTIONAL)])
+def test_relative_position_buckets(bidirectional, table):
+  n = np.array([n for n, _ in table])
+  got = network.relative_position_bucket(-n, bidirectional)
+  np.testing.assert_array_equal(got, [b for _, b in table])
+  assert [_bucket_by_hand(int(x), bidirectional) for x in n] == [
+      b for _, b in table]
+  # Whole range, including small tables (t5_1_1_tiny: 4 buckets, distance 8).
+  for buckets, distance in ((32, 128), (4, 8)):
+    n = np.arange(-300, 300)
+    got = network.relative_position_bucket(-n, bidirectional, buckets,
+                                           distance)
+    want = [_bucket_by_hand(int(x), bidirectional, buckets, distance)
+            for x in n]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_relative_position_bias_module_gathers_table():
+  module = network.RelativePositionBiases(32, 128, num_heads=3)
+  variables = nn.unbox(module.init(jax.random.PRNGKey(0), 5, 7, True))
+  bias = module.apply(variables, 5, 7, True)
+  table = variables["params"]["rel_embedding"]
+  rel = np.arange(7)[None] - np.arange(5)[:, None]
+  buckets = network.relative_position_bucket(rel, True)
+  assert bias.shape == (1, 3, 5, 7)
+  np.testing.assert_array_equal(bias[0], np.asarray(table)[:, buckets])
+
+
+# ---- FLix wiring ----
+
+
+def _example(rng, enc_len, dec_len):
+  enc = rng.integers(2, 384, size=enc_len)
+  tgt = rng.integers(2, 384, size=dec_len)
+  tgt[-1] = 1  # EOS
+  ids = np.array([rng.integers(1, g.num_values + 1) for g in SPACE.groups])
+  return enc, tgt, ids
+
+
+def _random_b(params, seed=0):
+  def fill(path, x):
+    if "lora_b" in jax.tree_util.keystr(path):
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), hash(str(path)) % 997)
+      return 0.5 * jax.random.normal(key, x.shape, x.dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(fill, params)
+
+
+def _batch(examples, enc_len, dec_len):
+  """Packs each row's examples: tokens, shifted inputs, segments, ids."""
+  rows = len(examples)
+  enc = np.zeros((rows, enc_len), np.int32)
+  tgt = np.zeros((rows, dec_len), np.int32)
+  dec_in = np.zeros((rows, dec_len), np.int32)
+  enc_seg, dec_seg = np.zeros_like(enc), np.zeros_like(tgt)
+  enc_ids = np.zeros((rows, enc_len, SPACE.num_groups), np.int32)
+  dec_ids = np.zeros((rows, dec_len, SPACE.num_groups), np.int32)
+  spans = []
+  for r, row in enumerate(examples):
+    e = d = 0
+    row_spans = []
+    for s, (x, y, ids) in enumerate(row):
+      enc[r, e:e + len(x)], enc_seg[r, e:e + len(x)] = x, s + 1
+      enc_ids[r, e:e + len(x)] = ids
+      tgt[r, d:d + len(y)], dec_seg[r, d:d + len(y)] = y, s + 1
+      dec_in[r, d + 1:d + len(y)] = y[:-1]  # Each segment starts with BOS 0.
+      dec_ids[r, d:d + len(y)] = ids
+      row_spans.append((d, len(y)))
+      e, d = e + len(x), d + len(y)
+    spans.append(row_spans)
+  return dict(encoder_input_tokens=enc, decoder_input_tokens=dec_in,
+              decoder_target_tokens=tgt, encoder_feature_ids=enc_ids,
+              decoder_feature_ids=dec_ids, encoder_segment_ids=enc_seg,
+              decoder_segment_ids=dec_seg), spans
+
+
+@pytest.fixture(scope="module")
+def flix_setup():
+  cfg = network.preset("tiny", feature_space=SPACE, max_segments=2)
+  model = network.Transformer(cfg)
+  tokens = jnp.ones((2, 12), jnp.int32)
+  ids = jnp.ones((2, 12, SPACE.num_groups), jnp.int32)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens, tokens, tokens,
+                               ids, ids, enable_dropout=False))["params"]
+  return cfg, params
+
+
+def _logits(cfg, params, batch):
+  return jax.jit(lambda p, b: network.Transformer(cfg).apply(
+      {"params": p}, **b, enable_dropout=False))(params, batch)
+
+
+def test_zero_b_equals_network_without_features(flix_setup):
+  cfg, params = flix_setup
+  rng = np.random.default_rng(0)
+  batch, _ = _batch([[_example(rng, 7, 5)], [_example(rng, 9, 6)]], 12, 9)
+  with_features = _logits(cfg, params, batch)
+  base = {k: v for k, v in _flat(params).items() if "/lora_" not in k}
+  plain_cfg = network.preset("tiny")
+  plain_batch = {k: v for k, v in batch.items() if "feature_ids" not in k}
+  plain = _logits(plain_cfg, t5x_checkpoint.unflatten_params(base),
+                  plain_batch)
+  assert with_features.dtype == jnp.float32
+  np.testing.assert_allclose(with_features, plain, atol=1e-5, rtol=1e-5)
+  # Non-zero B changes the logits (the adapters are wired in).
+  changed = _logits(cfg, _random_b(params), batch)
+  assert float(jnp.max(jnp.abs(changed - plain))) > 1e-2
+
+
+@pytest.mark.parametrize("strategy", ["segment", "gather"])
+def test_packed_segments_equal_examples_alone(flix_setup, strategy):
+  cfg, params = flix_setup
+  cfg = network.preset("tiny", feature_space=SPACE, max_segments=2,
+                       flix_strategy=strategy)
+  params = _random_b(params)
+  rng = np.random.default_rng(1)
+  rows = [[_example(rng, 5, 4), _example(rng, 6, 3)],
+          [_example(rng, 7, 5), _example(rng, 4, 4)]]
+  assert not np.array_equal(rows[0][0][2], rows[0][1][2])
+  packed, spans = _batch(rows, 12, 9)
+  alone, _ = _batch([[ex] for row in rows for ex in row], 12, 9)
+  unpacked = {k: v for k, v in alone.items() if "segment" not in k}
+  packed_logits = _logits(cfg, params, packed)
+  alone_logits = _logits(cfg, params, unpacked)
+  for r, row_spans in enumerate(spans):
+    for s, (start, length) in enumerate(row_spans):
+      np.testing.assert_allclose(
+          packed_logits[r, start:start + length],
+          alone_logits[2 * r + s, :length], atol=1e-4, rtol=1e-4)
+
+
+def test_feature_ids_are_required_and_checked(flix_setup):
+  cfg, params = flix_setup
+  model = network.Transformer(cfg)
+  tokens = jnp.ones((2, 4), jnp.int32)
+  with pytest.raises(ValueError, match="encoder_feature_ids"):
+    model.apply({"params": params}, tokens, tokens, tokens,
+                enable_dropout=False)
+  with pytest.raises(ValueError, match="expected"):
+    model.apply({"params": params}, tokens, tokens, tokens,
+                jnp.ones((2, 4, 5), jnp.int32), jnp.ones((2, 4, 2), jnp.int32),
+                enable_dropout=False)
+  # Per-example ids [B, G] broadcast over the length.
+  per_example = jnp.array([[1, 2], [3, 0]], jnp.int32)
+  per_token = jnp.broadcast_to(per_example[:, None], (2, 4, 2))
+  params = _random_b(params)
+  np.testing.assert_allclose(
+      model.apply({"params": params}, tokens, tokens, tokens, per_example,
+                  per_example, enable_dropout=False),
+      model.apply({"params": params}, tokens, tokens, tokens, per_token,
+                  per_token, enable_dropout=False), atol=1e-6)
+
+
+def test_packing_is_rejected_when_decoding(flix_setup):
+  cfg, params = flix_setup
+  tokens = jnp.ones((2, 1), jnp.int32)
+  ids = jnp.ones((2, 1, SPACE.num_groups), jnp.int32)
+  with pytest.raises(ValueError, match="Packing"):
+    network.Transformer(cfg).apply(
+        {"params": params}, tokens, tokens, tokens, ids, ids, tokens, tokens,
+        enable_dropout=False, decode=True, mutable=["cache"])
+
+
+def test_bfloat16_runs_with_float32_logits(flix_setup):
+  cfg, params = flix_setup
+  cfg = network.preset("tiny", dtype="bfloat16", feature_space=SPACE,
+                       max_segments=2)
+  assert cfg.dtype == "bfloat16"
+  rng = np.random.default_rng(2)
+  batch, _ = _batch([[_example(rng, 5, 4), _example(rng, 6, 3)]], 12, 9)
+  logits = jax.jit(lambda p, b: network.Transformer(cfg).apply(
+      {"params": p}, **b, enable_dropout=True,
+      rngs={"dropout": jax.random.PRNGKey(0)}))(_random_b(params), batch)
+  assert logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  f32 = _logits(network.preset("tiny", feature_space=SPACE, max_segments=2),
+                _random_b(params), batch)
+  assert float(jnp.mean(jnp.abs(logits - f32))) < 0.1 * float(
+      jnp.mean(jnp.abs(f32)))
+
+
+def test_dropout_is_used_only_when_enabled():
+  cfg = network.preset("tiny", dropout_rate=0.3)
+  model = network.Transformer(cfg)
+  tokens = jnp.arange(2, 14, dtype=jnp.int32).reshape(2, 6)
+  variables = model.init(jax.random.PRNGKey(0), tokens, tokens, tokens,
+                         enable_dropout=False)
+  run = jax.jit(lambda rng, drop: model.apply(
+      variables, tokens, tokens, tokens, enable_dropout=drop,
+      rngs={"dropout": rng}), static_argnums=1)
+  a, b = run(jax.random.PRNGKey(1), True), run(jax.random.PRNGKey(2), True)
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(run(jax.random.PRNGKey(1), False),
+                                run(jax.random.PRNGKey(2), False))
+
+
+def test_t5_1_1_tiny_preset_matches_real_checkpoint():
+  ckpt = SHARED_TESTDATA / "t5x_t5_1_1_tiny" / "checkpoint_3"
+  real = _flat(t5x_checkpoint.read_t5x_checkpoint(str(ckpt)))
+  cfg = network.preset("t5_1_1_tiny")
+  ours = _flat(nn.unbox(_abstract_params(cfg)))
+  assert {k: v.shape for k, v in ours.items()} == {
+      k: v.shape for k, v in real.items()}
+  tokens = jnp.array([[5, 6, 7, 1, 0]], jnp.int32)
+  logits = network.Transformer(cfg).apply(
+      {"params": t5x_checkpoint.unflatten_params(real)}, tokens, tokens,
+      tokens, enable_dropout=False)
+  assert logits.shape == (1, 5, 32128)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="adapter_targets"):
+    network.preset("tiny", adapter_targets=("qkv",))
+  with pytest.raises(ValueError, match="flix_strategy"):
+    network.preset("tiny", flix_strategy="magic")
+  with pytest.raises(ValueError, match="dtype"):
+    network.preset("tiny", dtype="int32")
+  with pytest.raises(KeyError):
+    network.preset("mt5_huge")
+  cfg = network.preset("tiny", dtype=jnp.bfloat16, feature_space=SPACE)
+  assert cfg.dtype == "bfloat16"
+  assert hash(cfg) == hash(network.preset("tiny", dtype="bfloat16",
+                                          feature_space=SPACE))
