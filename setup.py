@@ -11,6 +11,7 @@ _CORE = [
     "absl-py",
     "orbax-checkpoint",
     "clu",
+    "tensorboard",
     "msgpack",
     "tensorstore",
     "safetensors",

@@ -228,9 +228,33 @@ class FlixModel:
       (tokens int [B, num_decodes, max_decode_length], scores [B, num_decodes])
       best first.
     """
-    return decoding.predict(
-        self.module, params, batch["encoder_input_tokens"],
-        self._ids(batch, "encoder"), self._ids(batch, "decoder"),
-        max_decode_length=max_decode_length, method=method,
-        beam_size=beam_size, temperature=temperature, topk=topk, alpha=alpha,
-        rng=rng, num_decodes=num_decodes)
+    tokens = batch["encoder_input_tokens"]
+    enc_ids = self._ids(batch, "encoder")
+    # Every decoding step of an example uses that example's features.
+    example_ids = None if enc_ids is None else enc_ids[:, 0, :]  # [B, G]
+    encoded = self.module.apply({"params": params}, tokens, enc_ids,
+                                enable_dropout=False,
+                                method=network.Transformer.encode)
+    fan_out = beam_size if method == "beam" else num_decodes
+    expand = lambda x: (None if x is None else
+                        decoding.flat_batch_beam_expand(x, fan_out))
+    step_fn = decoding.model_tokens_to_logits(
+        self.module, params, expand(encoded), expand(tokens),
+        max_decode_length, encoder_feature_ids=expand(enc_ids),
+        decoder_feature_ids=expand(example_ids))
+    batch_size = tokens.shape[0]
+    cache = decoding.init_cache(self.module, self.config, batch_size,
+                                max_decode_length)
+    if method == "beam":
+      return decoding.beam_search(step_fn, cache, batch_size=batch_size,
+                                  max_decode_len=max_decode_length,
+                                  beam_size=beam_size, alpha=alpha)
+    if method == "greedy":
+      temperature = 0.0
+    elif method != "sample":
+      raise ValueError(f"Unknown decoding method {method!r}; use greedy, "
+                       "sample or beam.")
+    return decoding.temperature_sample(
+        step_fn, cache, batch_size=batch_size,
+        max_decode_len=max_decode_length, rng=rng, temperature=temperature,
+        topk=topk, num_decodes=num_decodes)

@@ -649,6 +649,9 @@ class Transformer(nn.Module):
                enable_dropout: bool = True, decode: bool = False) -> Array:
     """Teacher-forced logits, float32 [B, Ld, V]."""
     del encoder_positions  # Relative attention only.
+    if decode and (encoder_segment_ids is not None or
+                   decoder_segment_ids is not None):
+      raise ValueError("Packing (segment ids) cannot be used when decoding.")
     encoded = self.encode(encoder_input_tokens, encoder_feature_ids,
                           encoder_segment_ids, enable_dropout)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,

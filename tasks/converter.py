@@ -20,7 +20,6 @@ feature); an unknown value also logs a warning, once per (group, value).
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -177,7 +176,7 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
     """Per-token [L, G] ids from the shifted per-group columns."""
     num_groups = self._feature_space.num_groups
     if num_groups == 0:
-      return tf.zeros([tf.shape(features[prefix])[0], 0], tf.int32)
+      return tf.zeros_like(features[prefix])[:, None][:, :0]  # [L, 0]
     columns = [
         tf.maximum(features[_token_key(prefix, i)] - 1, 0)
         for i in range(num_groups)

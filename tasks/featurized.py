@@ -241,6 +241,23 @@ def add_mixture(
       **mixture_kwargs)
 
 
+def default_metric_fns() -> tuple[Callable[..., dict[str, float]], ...]:
+  """`(flix_tasks.metrics.exact_match_and_cer,)`, or exact match alone."""
+  try:
+    from flix_tasks import metrics  # pylint: disable=g-import-not-at-top
+    return (metrics.exact_match_and_cer,)
+  except ImportError:
+    logging.warning("flix_tasks.metrics unavailable; using exact match only.")
+    return (exact_match,)
+
+
+def exact_match(targets: Sequence[str],
+                predictions: Sequence[str]) -> dict[str, float]:
+  """Percentage of predictions equal to their target (fallback metric)."""
+  matches = [t == p for t, p in zip(targets, predictions)]
+  return {"exact_match": 100.0 * sum(matches) / max(len(matches), 1)}
+
+
 # ---- Queries ----
 
 

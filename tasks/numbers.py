@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import logging
 import re
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import num2words
 import numpy as np
@@ -231,22 +231,6 @@ def _dataset_fn(split: str, shuffle_files: bool = False,
   })
 
 
-def _exact_match(targets: Sequence[str],
-                 predictions: Sequence[str]) -> dict[str, float]:
-  """Fallback metric when `flix_tasks.metrics` is unavailable."""
-  matches = [t == p for t, p in zip(targets, predictions)]
-  return {"exact_match": 100.0 * sum(matches) / max(len(matches), 1)}
-
-
-def _metric_fns() -> tuple[Callable[..., dict[str, float]], ...]:
-  try:
-    from flix_tasks import metrics  # pylint: disable=g-import-not-at-top
-    return (metrics.exact_match_and_cer,)
-  except ImportError:
-    logging.warning("flix_tasks.metrics unavailable; using exact match only.")
-    return (_exact_match,)
-
-
 # ---- Registration ----
 
 
@@ -343,7 +327,7 @@ def register_numbers(
       logging.warning("numbers: held-out language %r has no training pair.",
                       language)
 
-  metric_fns = _metric_fns()
+  metric_fns = featurized.default_metric_fns()
   names, counts = {}, {}
   for task, language in pairs:
     sizes = {

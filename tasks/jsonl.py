@@ -1,0 +1,221 @@
+"""Bring-your-own featurized JSONL tasks.
+
+One JSON object per line:
+
+  {"inputs": "...", "targets": "...", "features": {"task": "qa", "language": "sw"}}
+
+`features` may name any groups; a line without a group (or with `null` or "")
+lacks that feature. Blank lines are skipped. A malformed line raises a
+`ValueError` naming `file:line` and the problem.
+
+`register_jsonl_task` scans the files once when it is called: it validates
+every line and records the feature values (all splits: they enter the feature
+vocabulary) and the feature combinations of the training split (for
+`flix_tasks.featurized.seen_pairs`). Nothing is registered at import; entry
+points and gin configs call `register_jsonl_task`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import random
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import seqio
+import tensorflow as tf
+
+from flix_tasks import featurized
+
+Patterns = Union[str, Sequence[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlExample:
+  """One parsed line."""
+
+  inputs: str
+  targets: str
+  features: dict[str, str]
+
+
+def parse_line(line: str, path: str, line_number: int
+               ) -> Optional[JsonlExample]:
+  """Parses one JSONL line; None for a blank line.
+
+  Raises:
+    ValueError: naming `path:line_number` and the problem.
+  """
+  if not line.strip():
+    return None
+  where = f"{path}:{line_number}"
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: invalid JSON ({e.msg}).") from None
+  if not isinstance(obj, dict):
+    raise ValueError(
+        f"{where}: expected a JSON object, got {type(obj).__name__}.")
+  for key in ("inputs", "targets"):
+    if key not in obj:
+      raise ValueError(f"{where}: missing {key!r}.")
+    if not isinstance(obj[key], str):
+      raise ValueError(
+          f"{where}: {key!r} must be a string, got "
+          f"{type(obj[key]).__name__}.")
+  raw = obj.get("features", {})
+  if raw is None:
+    raw = {}
+  if not isinstance(raw, dict):
+    raise ValueError(
+        f"{where}: 'features' must be an object of strings, got "
+        f"{type(raw).__name__}.")
+  features = {}
+  for group, value in raw.items():
+    if not group.replace("_", "").isalnum():
+      raise ValueError(
+          f"{where}: feature group name {group!r} must be alphanumeric "
+          "(underscores allowed).")
+    if value is None or value == "":
+      continue
+    if not isinstance(value, str):
+      raise ValueError(
+          f"{where}: feature {group!r} must be a string, got "
+          f"{type(value).__name__}.")
+    features[group] = value
+  return JsonlExample(obj["inputs"], obj["targets"], features)
+
+
+def resolve_files(patterns: Patterns) -> list[str]:
+  """Sorted files matching a glob pattern (or several; comma-separated OK)."""
+  if isinstance(patterns, str):
+    patterns = [p for p in patterns.split(",") if p.strip()]
+  files = []
+  for pattern in patterns:
+    matches = sorted(tf.io.gfile.glob(pattern.strip()))
+    if not matches:
+      raise ValueError(f"No file matches {pattern!r}.")
+    files.extend(matches)
+  return files
+
+
+def read_examples(files: Sequence[str]) -> Iterator[JsonlExample]:
+  """Parses every non-blank line of `files`, in order."""
+  for path in files:
+    with tf.io.gfile.GFile(path, "r") as f:
+      for line_number, line in enumerate(f, start=1):
+        example = parse_line(line, path, line_number)
+        if example is not None:
+          yield example
+
+
+@dataclasses.dataclass
+class _Scan:
+  num_examples: int = 0
+  values: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+  combinations: set[frozenset] = dataclasses.field(default_factory=set)
+
+
+def _scan(files: Sequence[str]) -> _Scan:
+  scan = _Scan()
+  for example in read_examples(files):
+    scan.num_examples += 1
+    for group, value in example.features.items():
+      scan.values.setdefault(group, set()).add(value)
+    scan.combinations.add(frozenset(example.features.items()))
+  return scan
+
+
+def _dataset_fn(split: str, shuffle_files: bool = False,
+                seed: Optional[int] = None, *, files: dict[str, list[str]],
+                groups: tuple[str, ...]) -> tf.data.Dataset:
+  """Streams a split's examples with one `feature_<group>` per group."""
+  split_files = list(files[split])
+  if shuffle_files and len(split_files) > 1:
+    random.Random(seed).shuffle(split_files)
+
+  def _generate():
+    for example in read_examples(split_files):
+      row = {"inputs": example.inputs, "targets": example.targets}
+      for group in groups:
+        row[featurized.feature_key(group)] = example.features.get(group, "")
+      yield row
+
+  signature = {
+      key: tf.TensorSpec([], tf.string)
+      for key in ["inputs", "targets"] +
+      [featurized.feature_key(g) for g in groups]
+  }
+  return tf.data.Dataset.from_generator(_generate, output_signature=signature)
+
+
+def register_jsonl_task(
+    name: str,
+    train_pattern: Optional[Patterns] = None,
+    validation_pattern: Optional[Patterns] = None,
+    test_pattern: Optional[Patterns] = None,
+    vocabulary: Optional[seqio.Vocabulary] = None,
+    metric_fns: Optional[Sequence[Callable[..., Any]]] = None,
+    add_eos: bool = True,
+    postprocess_fn: Optional[Callable[..., Any]] = None,
+) -> seqio.Task:
+  """Registers (or replaces) a featurized SeqIO task read from JSONL files.
+
+  Args:
+    name: task name.
+    train_pattern: glob(s) of the training files.
+    validation_pattern: glob(s) of the validation files (optional).
+    test_pattern: glob(s) of the test files (optional).
+    vocabulary: inputs and targets vocabulary; default `seqio.ByteVocabulary`.
+    metric_fns: SeqIO metric functions; default exact match and CER.
+    add_eos: append EOS to inputs and targets.
+    postprocess_fn: SeqIO postprocessing function.
+
+  Returns:
+    The registered `seqio.Task`.
+
+  Raises:
+    ValueError: no split given, a pattern matches no file, or a malformed line
+      (the message names `file:line`).
+  """
+  patterns = {"train": train_pattern, "validation": validation_pattern,
+              "test": test_pattern}
+  files = {split: resolve_files(p) for split, p in patterns.items()
+           if p is not None}
+  if not files:
+    raise ValueError(f"JSONL task {name!r}: give at least one file pattern.")
+  scans = {split: _scan(split_files) for split, split_files in files.items()}
+
+  values: dict[str, set[str]] = {}
+  for scan in scans.values():
+    for group, group_values in scan.values.items():
+      values.setdefault(group, set()).update(group_values)
+  groups = featurized.order_groups(values)
+  # Combinations seen in training: those of the train split, if any.
+  combos_split = "train" if "train" in scans else next(iter(scans))
+  combinations = [dict(c) for c in scans[combos_split].combinations]
+
+  vocabulary = vocabulary or seqio.ByteVocabulary()
+  output_features = {
+      "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=add_eos),
+      "targets": seqio.Feature(vocabulary=vocabulary, add_eos=add_eos),
+  }
+  preprocessors = [seqio.preprocessors.tokenize,
+                   seqio.CacheDatasetPlaceholder()]
+  if add_eos:
+    preprocessors.append(seqio.preprocessors.append_eos_after_trim)
+  source = seqio.FunctionDataSource(
+      dataset_fn=functools.partial(_dataset_fn, files=files, groups=groups),
+      splits=tuple(files),
+      num_input_examples={s: scan.num_examples for s, scan in scans.items()})
+  return featurized.add_task(
+      name,
+      source=source,
+      preprocessors=preprocessors,
+      output_features=output_features,
+      metric_fns=(featurized.default_metric_fns()
+                  if metric_fns is None else metric_fns),
+      feature_values={g: sorted(values[g]) for g in groups},
+      feature_combinations=combinations,
+      postprocess_fn=postprocess_fn)
