@@ -187,3 +187,42 @@ def restore_base_params(target: PyTree, path: str,
         f"shape ({'; '.join(wrong[:5])}). Check the model gin (sizes) "
         "against the checkpoint.")
   return traverse_util.unflatten_dict(out, sep="/")
+
+
+def load_for_inference(model, path: str):
+  """A trained model and its full params from a flix checkpoint.
+
+  The feature vocabulary saved with the checkpoint replaces the model's, so
+  feature names map to the adapters they were trained as. The frozen base is
+  rebuilt from the checkpoint's base reference (a path, or the init seed).
+
+  Args:
+    model: a `models.FlixModel` with the right network sizes.
+    path: a MODEL_DIR, its checkpoints/ dir, or one step's dir.
+
+  Returns:
+    (model, params as a nested numpy dict, meta dict)
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from flix import features as features_lib  # pylint: disable=g-import-not-at-top
+  trained, meta = read_flix_checkpoint(path)
+  space = meta.get("feature_space")
+  config = dataclasses.replace(
+      model.config,
+      feature_space=features_lib.FeatureSpace.from_dict(space) if space
+      else None)
+  model = dataclasses.replace(model, config=config)
+  base = meta.get("base", {})
+  params = jax.tree.map(np.asarray, model.init_params(
+      jax.random.PRNGKey(int(base.get("init_seed") or 0))))
+  if base.get("initial_checkpoint"):
+    params = restore_base_params(params, base["initial_checkpoint"],
+                                 fresh_patterns=(r".*/lora_[ab]_[^/]*",))
+  flat = traverse_util.flatten_dict(params, sep="/")
+  for name, value in traverse_util.flatten_dict(trained, sep="/").items():
+    if name not in flat or flat[name].shape != value.shape:
+      raise ValueError(f"Checkpoint {path} holds {name} {value.shape}, which "
+                       "the model does not have with that shape; check the "
+                       "model gin against the training run's config.gin.")
+    flat[name] = value
+  return model, traverse_util.unflatten_dict(flat, sep="/"), meta

@@ -271,6 +271,12 @@ class FeatureSpace:
       return cls.from_json(f.read())
 
 
+def lora_space(rank: int = 8, alpha: Optional[float] = None,
+               rslora: bool = False) -> FeatureSpace:
+  """Plain LoRA as a feature space (a function, so gin can bind it)."""
+  return FeatureSpace.lora(rank=rank, alpha=alpha, rslora=rslora)
+
+
 # ---- Feature dropout (pure JAX) ----
 
 

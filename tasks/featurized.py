@@ -179,7 +179,7 @@ def add_task(
   if features:
     preprocessors.append(
         functools.partial(add_constant_features, features=features))
-  else:
+  if set(values) - set(features):
     # Every example carries every group of the task, "" where absent.
     preprocessors.append(
         functools.partial(fill_missing_features, groups=tuple(values)))

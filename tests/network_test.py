@@ -374,14 +374,17 @@ def test_bfloat16_runs_with_float32_logits(flix_params):
   cfg = network.preset("tiny", dtype="bfloat16", feature_space=SPACE,
                        max_segments=2)
   assert cfg.dtype == "bfloat16"
-  params = random_b(flix_params)
+  # Small B: large random adapters make this untrained, unscaled-attention
+  # network chaotic enough that bf16 rounding alone moves the logits a lot.
+  params = random_b(flix_params, scale=0.1)
   batch, _ = _batch(_examples())
   logits = _logits(cfg, params, batch)
   assert logits.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(logits)))
   f32 = _logits(FLIX_CFG, params, batch)
-  assert float(jnp.mean(jnp.abs(logits - f32))) < 0.1 * float(
-      jnp.mean(jnp.abs(f32)))
+  valid = batch["decoder_target_tokens"] > 0
+  assert float(jnp.mean(jnp.abs(logits - f32)[valid])) < 0.05 * float(
+      jnp.mean(jnp.abs(f32)[valid]))
 
 
 def test_dropout_is_used_only_when_enabled():

@@ -1,0 +1,19 @@
+"""Entry point: `python -m flix.train --gin_file=configs/demo.gin ...`.
+
+Binds `flix.trainer.train` through gin, as T5X's train.py binds its train().
+"""
+
+from absl import flags
+
+from flix import gin_utils
+from flix import trainer
+
+
+def main(argv):
+  gin_utils.setup(argv)
+  gin_utils.call_configured(trainer.train)
+
+
+if __name__ == "__main__":
+  gin_utils.define_flags()
+  gin_utils.run(main)
