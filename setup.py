@@ -27,6 +27,8 @@ _DATA = [
 _TEST = [
     "pytest",
     "pytest-xdist",
+    "transformers",
+    "torch==2.13.0",
 ]
 
 setuptools.setup(

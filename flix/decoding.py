@@ -183,9 +183,9 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, *,
   A sequence that ends with EOS after n tokens scores
   log p(sequence) / ((5 + n) / 6) ** alpha. Each step keeps the best
   `beam_size` live (not ended) beams and the best `beam_size` finished ones,
-  and stops when no live beam can still beat every finished one. Examples
-  where nothing reached EOS within `max_decode_len` return their live beams,
-  scored with n = max_decode_len.
+  and stops when no live beam can still beat every finished one. Beams that
+  reach `max_decode_len` without EOS are scored with n = max_decode_len and
+  compete with the finished ones, so there are always K real hypotheses.
 
   Args:
     tokens_to_logits: the decoder step callback; it sees a flat batch of
@@ -252,13 +252,17 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, *,
       jnp.zeros((batch_size, k), bool), _expand_cache(cache, k))
   s = jax.lax.while_loop(cond, body, state)
 
-  none_finished = ~jnp.any(s.finished_flags, axis=1)  # [B]
-  seqs = jnp.where(none_finished[:, None, None], s.live_seqs,
-                   s.finished_seqs)[:, :, 1:]
-  scores = jnp.where(none_finished[:, None],
-                     s.live_logprobs / brevity_penalty(alpha, length),
-                     s.finished_scores)
-  return _sort_best_first(seqs, scores)
+  # Beams still live at the end were cut at max_decode_len: they compete,
+  # scored with n = max_decode_len, for slots that no finished beam beats
+  # (as HF does; T5X would return NEG_INF placeholders there).
+  fin_scores = jnp.where(s.finished_flags, s.finished_scores, NEG_INF)
+  all_scores = jnp.concatenate(
+      [fin_scores, s.live_logprobs / brevity_penalty(alpha, length)], axis=1)
+  scores, pick = jax.lax.top_k(all_scores, k)
+  seqs = jnp.take_along_axis(
+      jnp.concatenate([s.finished_seqs, s.live_seqs], axis=1),
+      pick[..., None], axis=1)
+  return seqs[:, :, 1:], scores
 
 
 # ---- The network's side ----
