@@ -270,7 +270,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, *,
 
 def init_cache(model: network.Transformer, config: network.T5Config,
                batch_size: int, max_decode_len: int) -> PyTree:
-  """Zero decoder cache ('cache' collection) for `batch_size` x `max_decode_len`.
+  """Zero decoder cache ('cache' collection) for batch x max_decode_len.
 
   Shapes come from `jax.eval_shape` of `model.init(..., decode=True)` on
   dummy inputs, so nothing but the cache is allocated.

@@ -120,6 +120,10 @@ class T5Config:
       raise ValueError("T5Config: layer counts must be >= 0.")
     if self.relative_attention_num_buckets < 4:
       raise ValueError("T5Config: relative_attention_num_buckets must be >= 4.")
+    if (self.relative_attention_max_distance <=
+        self.relative_attention_num_buckets // 2):
+      raise ValueError("T5Config: relative_attention_max_distance must exceed "
+                       "the exact buckets (num_buckets // 2).")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"T5Config: dropout_rate {self.dropout_rate} not in "
                        "[0, 1).")
@@ -184,7 +188,7 @@ PRESETS: dict[str, T5Config] = {
 
 
 def preset(name: str, **overrides: Any) -> T5Config:
-  """A `PRESETS` config with fields replaced, e.g. `preset('tiny', dtype=...)`."""
+  """A `PRESETS` config with fields replaced: `preset('tiny', dtype=...)`."""
   if name not in PRESETS:
     raise KeyError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.")
   return dataclasses.replace(PRESETS[name], **overrides)
@@ -295,9 +299,9 @@ def relative_position_bucket(relative_position: np.ndarray,
   max_exact = num_buckets // 2
   eps = np.finfo(np.float32).eps
   log_ratio = np.log(n.astype(np.float32) / np.float32(max_exact) + eps)
-  scale = np.float32(num_buckets - max_exact) / np.float32(
-      np.log(max_distance / max_exact))
-  large = max_exact + (log_ratio * scale).astype(np.int32)
+  log_ratio = log_ratio / np.float32(np.log(max_distance / max_exact))
+  large = max_exact + (log_ratio * np.float32(num_buckets - max_exact)).astype(
+      np.int32)
   large = np.minimum(large, num_buckets - 1)
   return bucket + np.where(n < max_exact, n, large)
 
@@ -446,6 +450,8 @@ class MlpBlock(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+  """Pre-norm self-attention and MLP blocks with residuals (T5X names)."""
+
   config: T5Config
   adapted: tuple[str, ...] = ()
 
@@ -463,6 +469,8 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """Pre-norm causal self-attention, cross-attention and MLP blocks."""
+
   config: T5Config
   adapted: tuple[str, ...] = ()
 
@@ -494,6 +502,8 @@ def _relpos(cfg: T5Config) -> RelativePositionBiases:
 
 
 class Encoder(nn.Module):
+  """Embeds tokens [B, Le] and runs the encoder layers: [B, Le, D]."""
+
   config: T5Config
   shared_embedding: nn.Module
 
@@ -513,6 +523,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+  """Embeds decoder tokens [B, Ld], runs the layers, gives logits [B, Ld, V]."""
+
   config: T5Config
   shared_embedding: nn.Module
 

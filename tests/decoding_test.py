@@ -101,8 +101,8 @@ def test_toy_greedy_and_beam_of_one():
       if token == decoding.EOS_ID:
         assert all(t == 0 for t in seq[i + 1:])
         break
-    np.testing.assert_allclose(log_probs[b, 0], _toy_score(table, h0[b], seq)[0],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        log_probs[b, 0], _toy_score(table, h0[b], seq)[0], rtol=1e-5)
   beam_seqs, beam_scores = decoding.beam_search(
       _toy(table), cache, batch_size=3, max_decode_len=length, beam_size=1,
       alpha=0.0)
@@ -196,6 +196,11 @@ def setup():
   return params, enc, ids, encoded
 
 
+@pytest.fixture(scope="module")
+def cache():
+  return decoding.init_cache(MODEL, CFG, 3, LENGTH)
+
+
 @jax.jit
 def _teacher_forced(params, enc, ids, targets):
   dec_in = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))  # BOS = 0 first.
@@ -212,13 +217,12 @@ def _callback(setup, beams=1):
       encoder_feature_ids=expand(ids), decoder_feature_ids=expand(ids))
 
 
-def test_cached_decoding_equals_teacher_forcing(setup):
+def test_cached_decoding_equals_teacher_forcing(setup, cache):
   params, enc, ids, _ = setup
   targets = np.random.default_rng(1).integers(2, 384, (3, LENGTH))
   targets = jnp.asarray(targets, jnp.int32)
   full = _teacher_forced(params, enc, ids, targets)
   step = jax.jit(_callback(setup))
-  cache = decoding.init_cache(MODEL, CFG, 3, LENGTH)
   dec_in = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
   for t in range(LENGTH):
     logits, cache = step(decoding.DecodingState(
@@ -231,9 +235,8 @@ def _until_eos(seq):
   return seq[:seq.index(1) + 1] if 1 in seq else seq
 
 
-def test_greedy_is_argmax_of_its_own_teacher_forcing(setup):
+def test_greedy_is_argmax_of_its_own_teacher_forcing(setup, cache):
   params, enc, ids, _ = setup
-  cache = decoding.init_cache(MODEL, CFG, 3, LENGTH)
   seqs, log_probs = jax.jit(functools.partial(
       decoding.greedy, _callback(setup), batch_size=3,
       max_decode_len=LENGTH))(cache)
@@ -255,10 +258,9 @@ def test_greedy_is_argmax_of_its_own_teacher_forcing(setup):
   np.testing.assert_allclose(scores, log_probs, rtol=1e-4)
 
 
-def test_beam_scores_are_sorted_and_consistent(setup):
+def test_beam_scores_are_sorted_and_consistent(setup, cache):
   params, enc, ids, _ = setup
   beams, alpha = 3, 0.6
-  cache = decoding.init_cache(MODEL, CFG, 3, LENGTH)
   seqs, scores = jax.jit(functools.partial(
       decoding.beam_search, _callback(setup, beams), batch_size=3,
       max_decode_len=LENGTH, beam_size=beams, alpha=alpha))(cache)

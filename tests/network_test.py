@@ -416,11 +416,24 @@ def test_t5_1_1_tiny_preset_matches_real_checkpoint():
   assert {k: v.shape for k, v in ours.items()} == {
       k: v.shape for k, v in real.items()}
   tokens = jnp.array([[5, 6, 7, 1, 0]], jnp.int32)
-  logits = network.Transformer(cfg).apply(
-      {"params": t5x_checkpoint.unflatten_params(real)}, tokens, tokens,
-      tokens, enable_dropout=False)
+  logits = jax.jit(lambda p: network.Transformer(cfg).apply(
+      {"params": p}, tokens, tokens, tokens, enable_dropout=False))(
+          t5x_checkpoint.unflatten_params(real))
   assert logits.shape == (1, 5, 32128)
   assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_embedding_lookups_and_tied_logits():
+  embed = network.Embed(10, 4, one_hot=True)
+  tokens = jnp.array([[3, 0, 9]])
+  variables = nn.unbox(embed.init(jax.random.PRNGKey(0), tokens))
+  gather = network.Embed(10, 4, one_hot=False)
+  np.testing.assert_allclose(embed.apply(variables, tokens),
+                             gather.apply(variables, tokens), atol=1e-6)
+  tied = _flat(_abstract_params(network.preset(
+      "tiny", logits_via_embedding=True)))
+  assert "decoder/logits_dense/kernel" not in tied
+  assert "token_embedder/embedding" in tied
 
 
 def test_config_validation():
