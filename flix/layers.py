@@ -282,15 +282,10 @@ class FlixDense(nn.Module):
     d_in, d_out = math.prod(in_shape), math.prod(features)
     batch_shape = inputs.shape[:-num_in]
 
-    kernel_init = self.kernel_init
-
-    def init_flat_kernel(rng, shape, dtype=jnp.float32):
-      # T5X initialises the kernel in its unflattened shape (fan-in over the
-      # contracted axes) and stores it flattened.
-      return kernel_init(rng, in_shape + features, dtype).reshape(shape)
-
+    # T5X initialises and stores the kernel flattened to 2-D, so fan-in is
+    # prod(contracted axes).
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(init_flat_kernel,
+        "kernel", nn.with_logical_partitioning(self.kernel_init,
                                                self.kernel_axes),
         (d_in, d_out), jnp.float32)
     x = inputs.reshape(batch_shape + (d_in,)).astype(self.dtype)

@@ -197,26 +197,15 @@ def preset(name: str, **overrides: Any) -> T5Config:
 # ---- Building blocks ----
 
 
-def _flat_init(init: Initializer, num_in: int) -> Initializer:
-  """Initialises a kernel in T5X's stored 2-D shape (fan-in = prod(in axes))."""
-
-  def wrapped(rng, shape, dtype=jnp.float32):
-    flat = (math.prod(shape[:num_in]), math.prod(shape[num_in:]))
-    return init(rng, flat, dtype).reshape(shape)
-
-  return wrapped
-
-
 def _dense(cfg: T5Config, name: str, adapted: tuple[str, ...], features,
            kernel_axes: tuple[str, str], axis=-1, dtype=None,
            kernel_init: Initializer = layers.default_kernel_init
            ) -> layers.FlixDense:
-  num_in = len(axis) if isinstance(axis, tuple) else 1
   return layers.FlixDense(
       features=features, axis=axis, kernel_axes=kernel_axes,
       feature_space=cfg.feature_space if name in adapted else None,
       strategy=cfg.flix_strategy, max_segments=cfg.max_segments,
-      dtype=dtype or cfg.dtype, kernel_init=_flat_init(kernel_init, num_in),
+      dtype=dtype or cfg.dtype, kernel_init=kernel_init,
       name=name)
 
 
