@@ -219,3 +219,13 @@ def register_jsonl_task(
       feature_values={g: sorted(values[g]) for g in groups},
       feature_combinations=combinations,
       postprocess_fn=postprocess_fn)
+
+
+def jsonl_task(name: str, **kwargs: Any) -> str:
+  """Registers a JSONL task (see `register_jsonl_task`) and returns its name.
+
+  For gin: `MIXTURE_OR_TASK_NAME = @jsonl.jsonl_task()` registers the files
+  given by macros before anything looks the task up.
+  """
+  register_jsonl_task(name, **kwargs)
+  return name

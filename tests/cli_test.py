@@ -132,3 +132,19 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
       text=True, timeout=300)
   assert result.returncode != 0
   assert f"{tmp_path}/nowhere does not exist" in result.stderr
+
+
+def test_bring_your_own_jsonl_trains_without_python(tmp_path):
+  lines = [json.dumps({"inputs": f"say {i}", "targets": str(i) * 2,
+                       "features": {"task": "echo", "language": lang}})
+           for i, lang in zip(range(12), ["en", "fr", "de"] * 4)]
+  lines.append(json.dumps({"inputs": "x", "targets": "y", "features": {}}))
+  (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+  model_dir = str(tmp_path / "run")
+  _run("flix.train", "--gin_file=configs/byo_jsonl.gin", *TINY,
+       f'--gin.MODEL_DIR="{model_dir}"',
+       f'--gin.TRAIN_FILES="{tmp_path}/train*.jsonl"',
+       "--gin.TRAIN_STEPS=2", "--gin.trainer.train.evaluate_fn=None")
+  meta = _meta(model_dir, 2)
+  groups = {g["name"]: g["values"] for g in meta["feature_space"]["groups"]}
+  assert groups == {"task": ["echo"], "language": ["de", "en", "fr"]}

@@ -18,6 +18,7 @@ DUMMIES = [
     "EVAL_OUTPUT_DIR = '/tmp/dummy'",
     "INFER_OUTPUT_DIR = '/tmp/dummy'",
     "XTREME_UP_DIR = '/tmp/dummy'",
+    "TRAIN_FILES = '/tmp/dummy.jsonl'",
 ]
 
 
