@@ -120,6 +120,15 @@ def fill_missing_features(dataset: tf.data.Dataset,
 # ---- Registration ----
 
 
+def text_preprocessors(add_eos: bool = True) -> list[Any]:
+  """The baseline's text pipeline: tokenize, cache placeholder, EOS."""
+  preprocessors = [seqio.preprocessors.tokenize,
+                   seqio.CacheDatasetPlaceholder()]
+  if add_eos:
+    preprocessors.append(seqio.preprocessors.append_eos_after_trim)
+  return preprocessors
+
+
 def add_task(
     name: str,
     source: seqio.DataSource,

@@ -201,10 +201,7 @@ def register_jsonl_task(
       "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=add_eos),
       "targets": seqio.Feature(vocabulary=vocabulary, add_eos=add_eos),
   }
-  preprocessors = [seqio.preprocessors.tokenize,
-                   seqio.CacheDatasetPlaceholder()]
-  if add_eos:
-    preprocessors.append(seqio.preprocessors.append_eos_after_trim)
+  preprocessors = featurized.text_preprocessors(add_eos)
   source = seqio.FunctionDataSource(
       dataset_fn=functools.partial(_dataset_fn, files=files, groups=groups),
       splits=tuple(files),

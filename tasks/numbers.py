@@ -345,11 +345,7 @@ def register_numbers(
     featurized.add_task(
         name,
         source=source,
-        preprocessors=[
-            seqio.preprocessors.tokenize,
-            seqio.CacheDatasetPlaceholder(),
-            seqio.preprocessors.append_eos_after_trim,
-        ],
+        preprocessors=featurized.text_preprocessors(),
         output_features=OUTPUT_FEATURES,
         metric_fns=metric_fns,
         features={"task": task, "language": language})

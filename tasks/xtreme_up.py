@@ -440,11 +440,7 @@ def _register_task(file: _File, model: str, vocabulary: seqio.Vocabulary,
   featurized.add_task(
       name,
       source=source,
-      preprocessors=[
-          seqio.preprocessors.tokenize,
-          seqio.CacheDatasetPlaceholder(),
-          seqio.preprocessors.append_eos_after_trim,
-      ],
+      preprocessors=featurized.text_preprocessors(),
       output_features=output_features,
       metric_fns=metrics.TASK_METRICS[file.task],
       features=features_of(file.task, file.key),
