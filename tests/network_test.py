@@ -11,6 +11,7 @@ import pytest
 
 from flix import features as features_lib
 from flix import network
+from flix import t5_layers
 from flix import t5x_checkpoint
 
 from conftest import SHARED_TESTDATA
@@ -191,14 +192,14 @@ _UNIDIRECTIONAL = [(0, 0), (15, 15), (16, 16), (31, 21), (32, 21), (64, 26),
                                                  (False, _UNIDIRECTIONAL)])
 def test_relative_position_buckets(bidirectional, table):
   n = np.array([n for n, _ in table])
-  got = network.relative_position_bucket(-n, bidirectional)
+  got = t5_layers.relative_position_bucket(-n, bidirectional)
   np.testing.assert_array_equal(got, [b for _, b in table])
   assert [_bucket_by_hand(int(x), bidirectional) for x in n] == [
       b for _, b in table]
   # Whole range, including small tables (t5_1_1_tiny: 4 buckets, distance 8).
   for buckets, distance in ((32, 128), (4, 8)):
     n = np.arange(-300, 300)
-    got = network.relative_position_bucket(-n, bidirectional, buckets,
+    got = t5_layers.relative_position_bucket(-n, bidirectional, buckets,
                                            distance)
     want = [_bucket_by_hand(int(x), bidirectional, buckets, distance)
             for x in n]
@@ -206,12 +207,12 @@ def test_relative_position_buckets(bidirectional, table):
 
 
 def test_relative_position_bias_module_gathers_table():
-  module = network.RelativePositionBiases(32, 128, num_heads=3)
+  module = t5_layers.RelativePositionBiases(32, 128, num_heads=3)
   variables = nn.unbox(module.init(jax.random.PRNGKey(0), 5, 7, True))
   bias = module.apply(variables, 5, 7, True)
   table = variables["params"]["rel_embedding"]
   rel = np.arange(7)[None] - np.arange(5)[:, None]
-  buckets = network.relative_position_bucket(rel, True)
+  buckets = t5_layers.relative_position_bucket(rel, True)
   assert bias.shape == (1, 3, 5, 7)
   np.testing.assert_array_equal(bias[0], np.asarray(table)[:, buckets])
 
@@ -424,10 +425,10 @@ def test_t5_1_1_tiny_preset_matches_real_checkpoint():
 
 
 def test_embedding_lookups_and_tied_logits():
-  embed = network.Embed(10, 4, one_hot=True)
+  embed = t5_layers.Embed(10, 4, one_hot=True)
   tokens = jnp.array([[3, 0, 9]])
   variables = nn.unbox(embed.init(jax.random.PRNGKey(0), tokens))
-  gather = network.Embed(10, 4, one_hot=False)
+  gather = t5_layers.Embed(10, 4, one_hot=False)
   np.testing.assert_allclose(embed.apply(variables, tokens),
                              gather.apply(variables, tokens), atol=1e-6)
   tied = _flat(_abstract_params(network.preset(

@@ -1,0 +1,228 @@
+"""The mT5 / T5 v1.1 network config and the size presets (T5X's gin sizes).
+
+`T5Config` is a frozen, hashable dataclass validated in `__post_init__`;
+`preset(name, **overrides)` returns mT5 small..xxl, ByT5 small/base, the
+tiny T5 v1.1 of the shared test checkpoint, or a tiny test model. The FLix
+fields say which dense layers carry adapters and how they are computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flix import features as features_lib
+from flix import layers
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# Dense layers that can carry adapters ('wi_<n>' for gated MLPs).
+_TARGET_RE = re.compile(r"^(query|key|value|out|wi|wi_\d+|wo|logits_dense)$")
+_STACKS = ("encoder", "decoder")
+_MASK_BIAS = -1e10  # T5X's additive bias of disallowed attention positions.
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Global hyperparameters of the network (T5X `network.T5Config` + FLix).
+
+  Attributes:
+    vocab_size: V, rows of the token embedding and logits.
+    dtype: activation dtype name ('float32', 'bfloat16'); params stay float32.
+    emb_dim: D.
+    num_heads: H.
+    num_encoder_layers: encoder depth.
+    num_decoder_layers: decoder depth.
+    head_dim: K; the joined attention width H * K may differ from D.
+    mlp_dim: F.
+    mlp_activations: one activation per input projection (`flax.linen` names
+      or 'linear'), multiplied elementwise: ('gelu', 'linear') is gated GELU.
+    dropout_rate: the one rate used everywhere.
+    logits_via_embedding: tie logits to the embedding (T5 1.0 style).
+    float32_attention_logits: compute q.k and softmax in float32.
+    relative_attention_num_buckets: relative position buckets per stack.
+    relative_attention_max_distance: distance of the last (log) bucket.
+    one_hot_embedding: look tokens up as one-hot @ table (T5X's TPU trick)
+      instead of a gather.
+    feature_space: FLix feature groups; None means no adapters and feature
+      ids are ignored.
+    adapter_targets: names of the dense layers that get adapters.
+    adapter_stacks: 'encoder' and/or 'decoder'.
+    flix_strategy: `layers.STRATEGIES` entry of the adapter computation.
+    max_segments: per-row slots of the 'segment' strategy (>= the number of
+      packed examples per row).
+  """
+
+  vocab_size: int
+  dtype: Any = "float32"
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 2048
+  mlp_activations: tuple[str, ...] = ("gelu", "linear")
+  dropout_rate: float = 0.1
+  logits_via_embedding: bool = False
+  float32_attention_logits: bool = False
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  one_hot_embedding: bool = False
+  feature_space: Optional[features_lib.FeatureSpace] = None
+  adapter_targets: tuple[str, ...] = (
+      "query",
+      "key",
+      "value",
+      "out",
+      "wi_0",
+      "wi_1",
+      "wo",
+  )
+  adapter_stacks: tuple[str, ...] = ("encoder", "decoder")
+  flix_strategy: str = "segment"
+  max_segments: int = 1
+
+  def __post_init__(self):
+    try:
+      dtype = jnp.dtype(self.dtype)
+    except TypeError as e:
+      raise ValueError(f"T5Config: unknown dtype {self.dtype!r}.") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"T5Config: dtype must be floating, got {dtype}.")
+    # Canonical string: hashable, gin- and JSON-friendly.
+    object.__setattr__(self, "dtype", dtype.name)
+    for name in ("mlp_activations", "adapter_targets", "adapter_stacks"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    for name in (
+        "vocab_size",
+        "emb_dim",
+        "num_heads",
+        "head_dim",
+        "mlp_dim",
+        "max_segments",
+        "relative_attention_max_distance",
+    ):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"T5Config: {name} must be >= 1.")
+    if self.num_encoder_layers < 0 or self.num_decoder_layers < 0:
+      raise ValueError("T5Config: layer counts must be >= 0.")
+    if self.relative_attention_num_buckets < 4:
+      raise ValueError("T5Config: relative_attention_num_buckets must be >= 4.")
+    if (
+        self.relative_attention_max_distance
+        <= self.relative_attention_num_buckets // 2
+    ):
+      raise ValueError(
+          "T5Config: relative_attention_max_distance must exceed "
+          "the exact buckets (num_buckets // 2)."
+      )
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(
+          f"T5Config: dropout_rate {self.dropout_rate} not in [0, 1)."
+      )
+    if not self.mlp_activations:
+      raise ValueError("T5Config: mlp_activations is empty.")
+    for act in self.mlp_activations:
+      if act != "linear" and not callable(getattr(nn, act, None)):
+        raise ValueError(f"T5Config: unknown activation {act!r}.")
+    bad = [t for t in self.adapter_targets if not _TARGET_RE.match(t)]
+    if bad:
+      raise ValueError(
+          f"T5Config: unknown adapter_targets {bad}; use query, "
+          "key, value, out, wi, wi_<n>, wo, logits_dense."
+      )
+    bad = [s for s in self.adapter_stacks if s not in _STACKS]
+    if bad:
+      raise ValueError(f"T5Config: unknown adapter_stacks {bad}.")
+    if self.flix_strategy not in layers.STRATEGIES:
+      raise ValueError(
+          f"T5Config: flix_strategy {self.flix_strategy!r} not "
+          f"in {layers.STRATEGIES}."
+      )
+    if not isinstance(
+        self.feature_space, (features_lib.FeatureSpace, type(None))
+    ):
+      raise ValueError("T5Config: feature_space must be a FeatureSpace.")
+
+  def adapted(self, stack: str) -> tuple[str, ...]:
+    """Names of the dense layers with adapters in `stack`."""
+    if self.feature_space is None or stack not in self.adapter_stacks:
+      return ()
+    return self.adapter_targets
+
+
+def _mt5(emb, heads, mlp, layers_, **kw) -> T5Config:
+  return T5Config(
+      vocab_size=250112,
+      dtype="bfloat16",
+      emb_dim=emb,
+      num_heads=heads,
+      head_dim=64,
+      mlp_dim=mlp,
+      num_encoder_layers=layers_,
+      num_decoder_layers=layers_,
+      **kw,
+  )
+
+
+def _byt5(emb, heads, mlp, enc, dec) -> T5Config:
+  return T5Config(
+      vocab_size=384,
+      dtype="bfloat16",
+      emb_dim=emb,
+      num_heads=heads,
+      head_dim=64,
+      mlp_dim=mlp,
+      num_encoder_layers=enc,
+      num_decoder_layers=dec,
+  )
+
+
+PRESETS: dict[str, T5Config] = {
+    # t5x/examples/t5/mt5/*.gin; dropout 0.1 = finetune.gin's DROPOUT_RATE.
+    "mt5_small": _mt5(512, 6, 1024, 8),
+    "mt5_base": _mt5(768, 12, 2048, 12),
+    "mt5_large": _mt5(1024, 16, 2816, 24),
+    "mt5_xl": _mt5(2048, 32, 5120, 24),
+    "mt5_xxl": _mt5(4096, 64, 10240, 24),
+    # t5x/examples/t5/byt5/*.gin.
+    "byt5_small": _byt5(1472, 6, 3584, 12, 4),
+    "byt5_base": _byt5(1536, 12, 3968, 18, 6),
+    # The real checkpoint in shared/testdata (prompt-tuning's test model).
+    "t5_1_1_tiny": T5Config(
+        vocab_size=32128,
+        emb_dim=4,
+        num_heads=2,
+        head_dim=2,
+        mlp_dim=8,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=4,
+        relative_attention_max_distance=8,
+    ),
+    # For tests: byte-sized vocabulary.
+    "tiny": T5Config(
+        vocab_size=384,
+        emb_dim=16,
+        num_heads=2,
+        head_dim=8,
+        mlp_dim=32,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dropout_rate=0.0,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> T5Config:
+  """A `PRESETS` config with fields replaced: `preset('tiny', dtype=...)`."""
+  if name not in PRESETS:
+    raise KeyError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.")
+  return dataclasses.replace(PRESETS[name], **overrides)
