@@ -19,6 +19,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
 
+class _DropMessages(logging.Filter):
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.prefix)
+
+
 def define_flags() -> None:
   """The flags shared by flix.train, flix.eval and flix.infer."""
   flags.DEFINE_multi_string("gin_file", [], "Gin files, applied in order.")
@@ -49,8 +59,16 @@ def flags_parser(argv: Sequence[str]) -> list[str]:
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = (".",)) -> None:
   """Parses gin files and bindings; errors say which file or macro is wrong."""
-  for path in list(search_paths) + [REPO_ROOT, CONFIG_DIR]:
+  # Includes are written relative to configs/ ('models/tiny.gin'); search it
+  # first so gin logs no misses. Files that exist as given are used as is.
+  for path in [CONFIG_DIR] + list(search_paths) + [REPO_ROOT]:
     gin.add_config_file_search_path(path)
+  gin_files = [os.path.abspath(f) if os.path.exists(f) else f
+               for f in gin_files]
+  # gin logs an error for every search-path miss of an include; they are
+  # expected, so hide them (a real miss still raises below).
+  quiet = _DropMessages("Path not found:")
+  logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(
         list(gin_files), list(gin_bindings), finalize_config=False,
@@ -60,6 +78,8 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
         f"Gin configuration error: {e}\n  gin files: {list(gin_files)}\n  "
         f"bindings: {list(gin_bindings)}\nA macro set to %gin.REQUIRED must "
         "be bound, e.g. --gin.MODEL_DIR=\\\"/tmp/run\\\".") from e
+  finally:
+    logging.getLogger().removeFilter(quiet)
   gin.finalize()
 
 
@@ -88,7 +108,13 @@ def call_configured(fn: Callable):
     raise
 
 
+def macro_value(name: str):
+  """The value bound to a gin macro (raises gin's error if unbound)."""
+  return gin.query_parameter(f"{name}/macro.value")
+
+
 def write_operative_config(output_dir: str) -> None:
+  """Writes the parsed gin config to `output_dir/config.gin`, as T5X does."""
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, "config.gin"), "w") as f:
     f.write(gin.config_str())

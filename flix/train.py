@@ -10,6 +10,7 @@ from flix import trainer
 
 def main(argv):
   gin_utils.setup(argv)
+  gin_utils.write_operative_config(gin_utils.macro_value("MODEL_DIR"))
   gin_utils.call_configured(trainer.train)
 
 
