@@ -197,6 +197,27 @@ def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str,
   return paths
 
 
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Mean of each metric over supervised and over zero-shot feature sets."""
+  groups = collections.defaultdict(list)
+  for row in rows:
+    split = {True: "supervised", False: "zero_shot", None: "all"}[
+        row["seen_in_training"]]
+    groups[f"{row['metric']}/{split}"].append(row["value"])
+  return {name: float(np.mean(values)) for name, values in groups.items()}
+
+
+def write_summaries(summary: Mapping[str, float], output_dir: str,
+                    step: int) -> None:
+  """Writes the summary scalars for TensorBoard (CLU metric writers)."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  writer = metric_writers.create_default_writer(
+      output_dir, just_logging=jax.process_index() > 0)
+  writer.write_scalars(step, dict(summary))
+  writer.flush()
+  writer.close()
+
+
 def evaluate(*, run=None, step: Optional[int] = None,
              model_dir: Optional[str] = None,
              model: Optional[models.FlixModel] = None,
@@ -229,9 +250,14 @@ def evaluate(*, run=None, step: Optional[int] = None,
                                  max_examples_per_task, decode_kwargs)
   name = f"results-{split}" + (f"-{step}" if step is not None else "")
   paths = write_results(rows, output_dir, name, heatmap_metric)
+  summary = summarize(rows)
+  logging.info("Eval summary (%s): %s", name, ", ".join(
+      f"{k} {v:.2f}" for k, v in sorted(summary.items())))
+  if step is not None:
+    write_summaries(summary, output_dir, step)
   with open(os.path.join(output_dir, f"predictions-{split}"
                          + (f"-{step}" if step is not None else "")
                          + ".jsonl"), "w", encoding="utf-8") as f:
     for record in records:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
-  return {"rows": rows, "paths": paths}
+  return {"rows": rows, "paths": paths, "summary": summary}
