@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Sequence, Union
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -124,10 +125,11 @@ def segment_slots(ids: Array, num_slots: int):
   return slot_ids, token_slot, max_runs
 
 
-def _delta_segment(space, x, ids, adapters, num_slots):
-  slot_ids, token_slot, max_runs = segment_slots(ids, num_slots)
+def _delta_segment(space, x, routing, adapters):
+  slot_ids, max_runs = routing.slot_ids, routing.max_runs
+  num_slots = slot_ids.shape[1]
   a, coef, b = _gather_adapters(space, adapters, slot_ids)  # [B,S,D,K] ...
-  token_slot = token_slot.astype(x.dtype)
+  token_slot = routing.token_slot.astype(x.dtype)
   if num_slots == 1:  # one example per row: plain batched matmuls
     h = jnp.einsum("bld,bdk->blk", x, a[:, 0]) * (coef[:, :1] * token_slot)
     delta = jnp.einsum("blk,bko->blo", h, b[:, 0])
@@ -196,7 +198,39 @@ def _delta_ragged(space, x, ids, adapters):
   return delta.reshape(batch, length, -1)
 
 
-def flix_delta(space: features_lib.FeatureSpace, x: Array, feature_ids: Array,
+@flax.struct.dataclass
+class Routing:
+  """Per-token feature ids, plus each row's slots for the "segment" strategy.
+
+  Computed once per stack (`route`) and shared by all its adapted layers.
+
+  Attributes:
+    ids: int [B, L, G] per-token feature ids.
+    slot_ids: int [B, S, G] ids of each row's slots ("segment" only).
+    token_slot: float [B, L, S] one-hot slot of each token ("segment" only).
+    max_runs: int scalar, the most runs of ids in any row ("segment" only).
+  """
+
+  ids: Array
+  slot_ids: Optional[Array] = None
+  token_slot: Optional[Array] = None
+  max_runs: Optional[Array] = None
+
+
+def route(feature_ids: Array, strategy: str = "segment",
+          max_segments: int = 1) -> Routing:
+  """Prepares per-token ids [B, L, G] for `flix_delta`."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"Unknown FLix strategy {strategy!r}; use one of "
+                     f"{STRATEGIES}.")
+  ids = jnp.asarray(feature_ids).astype(jnp.int32)
+  if strategy != "segment":
+    return Routing(ids)
+  return Routing(ids, *segment_slots(ids, max_segments))
+
+
+def flix_delta(space: features_lib.FeatureSpace, x: Array,
+               feature_ids: Union[Array, Routing],
                adapters: Sequence[tuple[Array, Array]],
                strategy: str = "segment", max_segments: int = 1) -> Array:
   """Sum of the active features' adapter outputs, per token.
@@ -204,7 +238,8 @@ def flix_delta(space: features_lib.FeatureSpace, x: Array, feature_ids: Array,
   Args:
     space: the feature space (groups, ranks, scales).
     x: [B, L, D] inputs.
-    feature_ids: int [B, L, G] per-token ids (0 = no feature).
+    feature_ids: int [B, L, G] per-token ids (0 = no feature), or their
+      `Routing` (from `route`, with the same strategy and max_segments).
     adapters: per group `(A [V, D, R], B [V, R, O])`, in `space.groups` order.
     strategy: one of STRATEGIES.
     max_segments: slots per row for the "segment" strategy.
@@ -212,21 +247,19 @@ def flix_delta(space: features_lib.FeatureSpace, x: Array, feature_ids: Array,
   Returns:
     [B, L, O]: sum_{(g,v) active} s_g (x A[g,v]) B[g,v].
   """
-  if feature_ids.shape != x.shape[:2] + (space.num_groups,):
+  routing = (feature_ids if isinstance(feature_ids, Routing) else
+             route(feature_ids, strategy, max_segments))
+  if routing.ids.shape != x.shape[:2] + (space.num_groups,):
     raise ValueError(
-        f"feature_ids shape {feature_ids.shape} does not match inputs "
+        f"feature_ids shape {routing.ids.shape} does not match inputs "
         f"{x.shape[:2]} x {space.num_groups} groups {space.group_names}.")
-  feature_ids = feature_ids.astype(jnp.int32)
   if strategy == "segment":
-    return _delta_segment(space, x, feature_ids, adapters, max_segments)
+    return _delta_segment(space, x, routing, adapters)
   if strategy == "gather":
-    return _delta_gather(space, x, feature_ids, adapters)
+    return _delta_gather(space, x, routing.ids, adapters)
   if strategy == "dense":
-    return _delta_dense(space, x, feature_ids, adapters)
-  if strategy == "ragged":
-    return _delta_ragged(space, x, feature_ids, adapters)
-  raise ValueError(f"Unknown FLix strategy {strategy!r}; use one of "
-                   f"{STRATEGIES}.")
+    return _delta_dense(space, x, routing.ids, adapters)
+  return _delta_ragged(space, x, routing.ids, adapters)
 
 
 def _canonical_tuple(x: Union[int, Sequence[int]]) -> tuple[int, ...]:
@@ -265,13 +298,13 @@ class FlixDense(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Array,
-               feature_ids: Optional[Array] = None) -> Array:
+               feature_ids: Union[None, Array, Routing] = None) -> Array:
     """Applies the layer.
 
     Args:
       inputs: [B, L, *in_dims].
-      feature_ids: int [B, L, G] per-token feature ids (required when the
-        layer has adapters).
+      feature_ids: int [B, L, G] per-token feature ids, or their `Routing`
+        (required when the layer has adapters).
 
     Returns:
       [B, L, *features].

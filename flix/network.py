@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flix import layers
 from flix import t5_layers
 
 # The config and presets live in t5_config; they are part of this module's API
@@ -116,6 +117,13 @@ class DecoderLayer(nn.Module):
     return t5_layers.constrain(z, "batch", "length", "embed")  # [B, L, D]
 
 
+def _route(cfg: T5Config, ids: Optional[Array]):
+  """Routes a stack's feature ids once for all its adapted layers."""
+  if ids is None or cfg.feature_space is None:
+    return ids
+  return layers.route(ids, cfg.flix_strategy, cfg.max_segments)
+
+
 def _relpos(cfg: T5Config) -> t5_layers.RelativePositionBiases:
   return t5_layers.RelativePositionBiases(
       num_buckets=cfg.relative_attention_num_buckets,
@@ -137,6 +145,7 @@ class Encoder(nn.Module):
     cfg = self.config
     length = tokens.shape[-1]
     bias = _relpos(cfg)(length, length, True)  # [1, H, Le, Le], shared.
+    ids = _route(cfg, ids)
     x = self.shared_embedding(tokens.astype(jnp.int32))
     x = t5_layers.dropout(cfg, x, deterministic).astype(cfg.dtype)
     for i in range(cfg.num_encoder_layers):
@@ -176,6 +185,7 @@ class Decoder(nn.Module):
         else (tokens.shape[-1])
     )
     bias = _relpos(cfg)(length, length, False)  # [1, H, L, L], shared.
+    dec_ids, enc_ids = _route(cfg, dec_ids), _route(cfg, enc_ids)
     y = self.shared_embedding(tokens.astype(jnp.int32))
     y = t5_layers.dropout(cfg, y, deterministic).astype(cfg.dtype)
     adapted = cfg.adapted("decoder")
