@@ -58,8 +58,50 @@ class Run:
     return self.state.params
 
 
-def _shardings_like(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: x.sharding, tree)
+def state_shardings(model: models.FlixModel,
+                    optimizer: optax.GradientTransformation,
+                    trainable_patterns: Sequence[str], mesh, rules):
+  """The abstract train state and its shardings, without allocating.
+
+  Params follow their logical axes; each optimizer-state leaf shaped like its
+  param is sharded like that param (Adam moments, unfactored Adafactor
+  slots), other leaves (factored rows/columns, counts) are replicated.
+
+  Returns:
+    (abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings)
+  """
+  replicated = partitioning.replicated(mesh)
+  with mesh, nn.logical_axis_rules(rules):
+    param_sharding = partitioning.logical_to_sharding(
+        model.param_logical_axes(), mesh, rules)
+  abstract_params = nn.unbox(model.abstract_params())
+  abstract = jax.eval_shape(
+      lambda p: train_step_lib.create_train_state(p, optimizer,
+                                                  trainable_patterns),
+      abstract_params)
+  trainable, frozen = train_step_lib.split_params(param_sharding,
+                                                  trainable_patterns)
+  opt_state = optax.tree_map_params(
+      optimizer,
+      lambda leaf, sharding, param: (sharding if leaf.shape == param.shape
+                                     else replicated),
+      abstract.opt_state, trainable, abstract.trainable,
+      transform_non_params=lambda _: replicated)
+  return abstract, train_step_lib.TrainState(
+      step=replicated, trainable=trainable, frozen=frozen, opt_state=opt_state)
+
+
+def jit_train_step(model: models.FlixModel,
+                   optimizer: optax.GradientTransformation, state_sharding,
+                   mesh, num_microbatches: int = 1) -> Callable:
+  """The jitted, state-donating `train_step(state, batch, rng)` on `mesh`."""
+  replicated = partitioning.replicated(mesh)
+  return jax.jit(
+      train_step_lib.make_train_step(model, optimizer, num_microbatches),
+      in_shardings=(state_sharding, partitioning.data_sharding(mesh),
+                    replicated),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,))
 
 
 def build_run(model: models.FlixModel,
@@ -69,13 +111,16 @@ def build_run(model: models.FlixModel,
               random_seed: int = 0,
               num_partitions: int = 1,
               num_microbatches: int = 1,
-              logical_axis_rules: Optional[Sequence[Any]] = None) -> Run:
+              logical_axis_rules: Optional[Sequence[Any]] = None,
+              devices: Optional[Sequence[Any]] = None) -> Run:
   """Initialises (or loads) the params on a mesh and jits the train step."""
-  mesh = partitioning.make_mesh(num_partitions)
+  mesh = partitioning.make_mesh(num_partitions, devices)
   rules = tuple(logical_axis_rules or partitioning.standard_logical_axis_rules())
+  _, state_sharding = state_shardings(model, optimizer, trainable_patterns,
+                                      mesh, rules)
+  param_sharding = train_step_lib.merge_params(state_sharding.trainable,
+                                               state_sharding.frozen)
   with mesh, nn.logical_axis_rules(rules):
-    param_sharding = partitioning.logical_to_sharding(
-        model.param_logical_axes(), mesh, rules)
     params = jax.jit(model.init_params, out_shardings=param_sharding)(
         jax.random.PRNGKey(random_seed))
     if initial_checkpoint_path:
@@ -84,14 +129,9 @@ def build_run(model: models.FlixModel,
           fresh_patterns=train_step_lib.ADAPTER_PATTERNS)
       params = jax.device_put(loaded, param_sharding)
     state = jax.jit(lambda p: train_step_lib.create_train_state(
-        p, optimizer, trainable_patterns))(params)
-    state_sharding = _shardings_like(state)
-    step_fn = jax.jit(
-        train_step_lib.make_train_step(model, optimizer, num_microbatches),
-        in_shardings=(state_sharding, partitioning.data_sharding(mesh),
-                      partitioning.replicated(mesh)),
-        out_shardings=(state_sharding, partitioning.replicated(mesh)),
-        donate_argnums=(0,))
+        p, optimizer, trainable_patterns), out_shardings=state_sharding)(params)
+    step_fn = jit_train_step(model, optimizer, state_sharding, mesh,
+                             num_microbatches)
   space = model.feature_space
   meta = {
       "feature_space": space.to_dict() if space is not None else None,
