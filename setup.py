@@ -29,6 +29,8 @@ _TEST = [
     "pytest-xdist",
     "transformers",
     "torch==2.13.0",
+    "peft",
+    "accelerate",
 ]
 
 setuptools.setup(

@@ -6,10 +6,10 @@ per group) the update, in every adapted layer with kernel W0 [D, O],
     dW = sum_{(g, v) in F} s_{g,v} A[g, v][:, :r_v] B[g, v][:r_v]     [D, O]
 
 with r_v the value's rank and s_{g,v} = alpha_g / r_v (alpha_g / sqrt(r_v)
-with rsLoRA), exactly as `features.FeatureSpace.scale_table` and
-`layers.flix_delta` use them. Any feature set, including a (task, language)
-pair never seen together in training, can therefore be served without FLix
-code, in two exact ways:
+with rsLoRA; alpha_g defaults to the group's rank), exactly as
+`features.FeatureSpace.scale_table` and `layers.flix_delta` use them. Any
+feature set, including a (task, language) pair never seen together in
+training, can therefore be served without FLix code, in two exact ways:
 
   merge_features  W' = W0 + dW in float32: a plain mT5 params tree (T5X names,
                   no adapter leaves), written as a T5X or Hugging Face model.
@@ -36,14 +36,24 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import re
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
+from absl import flags
+import gin
 import numpy as np
+from safetensors import numpy as safetensors_np
 
+from flix import checkpoints
 from flix import features as features_lib
+from flix import gin_utils
+from flix import hf_checkpoint
+from flix import models
+from flix import network
+from flix import t5x_checkpoint
 
 PyTree = Any
 Params = dict[str, Any]
@@ -172,7 +182,8 @@ def _feature_factors(flat, layer: tuple[str, ...], group, value: str,
   a = np.asarray(flat[layer + (f"lora_a_{group.name}",)], np.float32)
   b = np.asarray(flat[layer + (f"lora_b_{group.name}",)], np.float32)
   expected = (group.num_values, group.max_rank)
-  if a.shape[:2] != expected or b.shape[:2] != expected:
+  if (a.ndim != 3 or b.ndim != 3 or (a.shape[0], a.shape[2]) != expected or
+      b.shape[:2] != expected):
     raise ValueError(
         f"{'/'.join(layer)}: adapters of group {group.name!r} have shapes "
         f"{a.shape} / {b.shape}; the feature space expects [V, D, R] / "
@@ -354,7 +365,6 @@ def write_peft_adapter(directory: str, params: PyTree,
   Returns:
     The adapter config.
   """
-  from safetensors import numpy as safetensors_np  # pylint: disable=g-import-not-at-top
   state_dict, config = peft_adapter(params, feature_space, features,
                                     base_model_name_or_path)
   os.makedirs(directory, exist_ok=True)
@@ -372,7 +382,7 @@ def write_peft_adapter(directory: str, params: PyTree,
 # ---- Whole-model export ----
 
 
-def hf_dims(config) -> dict[str, Any]:
+def hf_dims(config: network.T5Config) -> dict[str, Any]:
   """`hf_checkpoint` network dims of a `network.T5Config`."""
   return {
       "vocab_size": config.vocab_size,
@@ -389,9 +399,9 @@ def hf_dims(config) -> dict[str, Any]:
   }
 
 
-def write_hf_model(directory: str, params: PyTree, config) -> None:
+def write_hf_model(directory: str, params: PyTree,
+                   config: network.T5Config) -> None:
   """Writes adapter-free params as an HF MT5 `model.safetensors` + config."""
-  from flix import hf_checkpoint  # pylint: disable=g-import-not-at-top
   hf_checkpoint.write_hf_checkpoint(
       hf_checkpoint.t5x_to_hf(params),
       hf_checkpoint.hf_config_from_t5_config(
@@ -405,8 +415,8 @@ def _check_output(directory: str, overwrite: bool) -> None:
                           "--overwrite to replace its files.")
 
 
-def export(*, model, checkpoint: str, features: Mapping[str, str],
-           output_format: str, output: str,
+def export(*, model: models.FlixModel, checkpoint: str,
+           features: Mapping[str, str], output_format: str, output: str,
            base_model_name_or_path: Optional[str] = None,
            base_output: Optional[str] = None,
            overwrite: bool = False) -> str:
@@ -425,22 +435,25 @@ def export(*, model, checkpoint: str, features: Mapping[str, str],
     base_output: peft: also write the frozen base as an HF model here.
     overwrite: replace files in a non-empty `output`.
   """
-  from flix import checkpoints  # pylint: disable=g-import-not-at-top
-  from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
   if output_format not in FORMATS:
     raise ValueError(f"Unknown format {output_format!r}; use one of "
                      f"{', '.join(FORMATS)}.")
   _check_output(output, overwrite)
+  if output_format == "peft" and base_output:
+    _check_output(base_output, overwrite)
+  # Check the feature set against the saved vocabulary before the (slow)
+  # model load, so a typo fails at once.
+  with open(os.path.join(checkpoints.resolve_step_dir(checkpoint), "meta",
+                         "metadata"), encoding="utf-8") as f:
+    saved_space = json.load(f).get("feature_space")
+  if saved_space is None and features:
+    raise ValueError(f"Checkpoint {checkpoint} has no FLix adapters, so "
+                     f"features {dict(features)} cannot be applied.")
+  space = features_lib.FeatureSpace.from_dict(saved_space or {"groups": []})
+  resolve_features(space, features)
   model, params, meta = checkpoints.load_for_inference(model, checkpoint)
-  space = model.feature_space
-  if space is None:
-    if features:
-      raise ValueError(f"Checkpoint {checkpoint} has no FLix adapters, so "
-                       f"features {dict(features)} cannot be applied.")
-    space = features_lib.FeatureSpace(groups=())
   if output_format == "peft":
     if base_output:
-      _check_output(base_output, overwrite)
       write_hf_model(base_output, base_params(params), model.config)
     base_model_name_or_path = base_model_name_or_path or base_output or (
         meta.get("base", {}).get("initial_checkpoint") or "")
@@ -466,8 +479,6 @@ def export(*, model, checkpoint: str, features: Mapping[str, str],
 
 
 def _define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from flix import gin_utils  # pylint: disable=g-import-not-at-top
   gin_utils.define_flags()
   flags.DEFINE_string("checkpoint", None, "flix MODEL_DIR or step directory.",
                       required=True)
@@ -482,7 +493,7 @@ def _define_flags() -> None:
 
 
 def load_model(gin_files: Sequence[str], gin_bindings: Sequence[str],
-               search_paths: Sequence[str] = (".",)):
+               search_paths: Sequence[str] = (".",)) -> models.FlixModel:
   """The gin-configured `models.FlixModel` of a run's model (+ peft) gins.
 
   The config is not finalized: run gins (runs/eval.gin, runs/finetune.gin)
@@ -490,17 +501,18 @@ def load_model(gin_files: Sequence[str], gin_bindings: Sequence[str],
   does not use. FEATURE_SPACE is bound to None: the checkpoint's saved
   vocabulary replaces it (and a training gin's would need the mixture).
   """
-  import gin  # pylint: disable=g-import-not-at-top
-  from flix import gin_utils  # pylint: disable=g-import-not-at-top
-  from flix import models  # pylint: disable=g-import-not-at-top
   if not gin_files:
     raise ValueError("Give the training run's model gin with --gin_file "
                      "(e.g. configs/demo_eval.gin) so the sizes are known.")
-  for path in list(search_paths) + [gin_utils.REPO_ROOT, gin_utils.CONFIG_DIR]:
+  # As gin_utils.parse_gin: includes are relative to configs/, searched first.
+  for path in [gin_utils.CONFIG_DIR] + list(search_paths) + [
+      gin_utils.REPO_ROOT]:
     gin.add_config_file_search_path(path)
+  gin_files = [os.path.abspath(f) if os.path.exists(f) else f
+               for f in gin_files]
   try:
     gin.parse_config_files_and_bindings(
-        list(gin_files), list(gin_bindings) + ["FEATURE_SPACE = None"],
+        gin_files, list(gin_bindings) + ["FEATURE_SPACE = None"],
         finalize_config=False, skip_unknown=False)
   except (ValueError, KeyError, IOError, SyntaxError) as e:
     raise ValueError(f"Gin configuration error: {e}\n  gin files: "
@@ -508,10 +520,8 @@ def load_model(gin_files: Sequence[str], gin_bindings: Sequence[str],
   return gin_utils.call_configured(models.FlixModel)
 
 
-def main(argv) -> None:
+def main(argv: Sequence[str]) -> None:
   del argv
-  import logging  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   logging.getLogger().setLevel(logging.INFO)
   f = flags.FLAGS
   try:
@@ -527,6 +537,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from flix import gin_utils  # pylint: disable=g-import-not-at-top
   _define_flags()
   gin_utils.run(main)

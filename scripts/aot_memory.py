@@ -8,12 +8,13 @@ shardings the state-creating jit gives, data-parallel batch, donated state.
 `compiled.memory_analysis()` then tells the per-device argument, output,
 temp and generated-code sizes, compared with a TPU v4 device's 32 GiB HBM.
 
-Compiling all 24 + 24 layers on CPU takes a while; `--layers 2,4` compiles
-shallower stacks and extrapolates linearly to `--target_layers` (per-layer
-cost = difference of the two; everything else is the intercept).
+Compiling all 24 + 24 layers on CPU takes a while; `--layers 2,4,8` compiles
+shallower stacks and extrapolates linearly to `--target_layers` through the
+two deepest (with three or more depths it first prints how well the two
+shallowest predict the deepest).
 
-    python scripts/aot_memory.py [--layers 2,4 --target_layers 24
-        --batch 32 --inputs 512 --targets 128 --data 4 --model 8]
+    python scripts/aot_memory.py [--layers 2,4,8 --target_layers 24
+        --batch 32 --inputs 512 --targets 128 --devices=32 --model 8]
 
 Caveat: this is XLA:CPU's buffer assignment, not XLA:TPU's; fusion and
 rematerialisation differ, so temp sizes are indicative (argument/output sizes,
@@ -48,6 +49,7 @@ from flix import models
 from flix import network
 from flix import partitioning
 from flix import train_step as train_step_lib
+from flix import trainer
 
 warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
 GIB = 2**30
@@ -60,7 +62,7 @@ def parse_args(argv=None):
                  help="simulated CPU devices (use --devices=N)")
   p.add_argument("--model", type=int, default=8, help="'model' mesh axis")
   p.add_argument("--preset", default="mt5_xl")
-  p.add_argument("--layers", default="2,4",
+  p.add_argument("--layers", default="2,4,8",
                  help="comma-separated encoder(=decoder) depths to compile")
   p.add_argument("--target_layers", type=int, default=24,
                  help="depth to extrapolate to (if not compiled)")
@@ -109,20 +111,11 @@ def compile_step(args, layers):
   optimizer = train_step_lib.make_optimizer(1e-3, name=args.optimizer)
   mesh = partitioning.make_mesh(args.model)
   rules = partitioning.standard_logical_axis_rules()
+  # The same state shardings and jitted step as trainer.build_run.
+  abstract_state, state_sharding = trainer.state_shardings(
+      model, optimizer, patterns, mesh, rules)
   with mesh, nn.logical_axis_rules(rules):
-    abstract_params = nn.unbox(model.abstract_params())
-    param_sharding = partitioning.logical_to_sharding(
-        model.param_logical_axes(), mesh, rules)
-    params = _with_sharding(abstract_params, param_sharding)
-
-    # The state shardings build_run's state-creating jit gives (its outputs'
-    # shardings): trainable/frozen follow the params, the optimizer state
-    # whatever XLA propagates (Adafactor: factored rows/cols).
-    def create(p):
-      return train_step_lib.create_train_state(p, optimizer, patterns)
-
-    state_sharding = jax.jit(create).lower(params).compile().output_shardings
-    state = _with_sharding(jax.eval_shape(create, params), state_sharding)
+    state = _with_sharding(abstract_state, state_sharding)
 
     data = partitioning.data_sharding(mesh)
     b, li, lt = args.batch, args.inputs, args.targets
@@ -140,12 +133,8 @@ def compile_step(args, layers):
     replicated = partitioning.replicated(mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
 
-    # As trainer.build_run jits the step.
-    step_fn = jax.jit(
-        train_step_lib.make_train_step(model, optimizer, args.num_microbatches),
-        in_shardings=(state_sharding, data, replicated),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=(0,))
+    step_fn = trainer.jit_train_step(model, optimizer, state_sharding, mesh,
+                                     args.num_microbatches)
     start = time.perf_counter()
     lowered = step_fn.lower(state, batch, rng)
     lower_s = time.perf_counter() - start
@@ -190,8 +179,8 @@ def main(argv=None):
   print(f"JAX {jax.__version__}; {jax.device_count()} simulated CPU devices; "
         f"{args.preset} ({args.dtype} activations, float32 params), mode "
         f"{args.mode}; batch {args.batch} x (inputs {args.inputs}, targets "
-        f"{args.targets}); {args.optimizer}; strategy {args.strategy}",
-        flush=True)
+        f"{args.targets}); {args.optimizer}; strategy {args.strategy}; "
+        "state shardings of trainer.state_shardings", flush=True)
   if args.mode == "flix":
     print(f"FLix: task {args.tasks} values rank {args.task_rank}, language "
           f"{args.languages} values rank {args.language_rank}", flush=True)
@@ -210,14 +199,23 @@ def main(argv=None):
 
   keys = ("argument", "output", "temp", "code", "alias", "sum",
           "sum_minus_alias")
+
+  def linear(lo, hi, layers):  # through two compiled depths
+    slope = {k: (hi[k] - lo[k]) / (hi["layers"] - lo["layers"]) for k in keys}
+    return {k: hi[k] + slope[k] * (layers - hi["layers"]) for k in keys}
+
+  rows.sort(key=lambda r: r["layers"])
   table = [(f"{r['layers']}+{r['layers']} (compiled)", r) for r in rows]
+  if len(rows) >= 3:  # is memory linear in depth? predict the deepest
+    guess = linear(rows[0], rows[1], rows[-1]["layers"])
+    print(f"  linearity check: {rows[-1]['layers']}+{rows[-1]['layers']} "
+          f"predicted from {rows[0]['layers']} and {rows[1]['layers']} "
+          f"layers: sum-alias {_gib(guess['sum_minus_alias'])} GiB, compiled "
+          f"{_gib(rows[-1]['sum_minus_alias'])} GiB", flush=True)
   if args.target_layers not in depths and len(rows) >= 2:
-    lo, hi = rows[0], rows[-1]
-    span = hi["layers"] - lo["layers"]
-    extra = args.target_layers - hi["layers"]
-    est = {k: hi[k] + (hi[k] - lo[k]) * extra / span for k in keys}
-    table.append((f"{args.target_layers}+{args.target_layers} "
-                  "(extrapolated)", est))
+    est = linear(rows[-2], rows[-1], args.target_layers)
+    table.append((f"{args.target_layers}+{args.target_layers} (extrapolated "
+                  f"from {rows[-2]['layers']}, {rows[-1]['layers']})", est))
 
   print()
   print("Per-device memory (GiB) from compiled.memory_analysis(); TPU v4 "
