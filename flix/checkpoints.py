@@ -213,11 +213,15 @@ def load_for_inference(model, path: str):
       else None)
   model = dataclasses.replace(model, config=config)
   base = meta.get("base", {})
-  params = jax.tree.map(np.asarray, model.init_params(
-      jax.random.PRNGKey(int(base.get("init_seed") or 0))))
+  rng = jax.random.PRNGKey(int(base.get("init_seed") or 0))
   if base.get("initial_checkpoint"):
-    params = restore_base_params(params, base["initial_checkpoint"],
-                                 fresh_patterns=(r".*/lora_[ab]_[^/]*",))
+    # Every base value comes from the checkpoint and every adapter from the
+    # run: shapes suffice, nothing needs initialising.
+    params = restore_base_params(
+        jax.eval_shape(model.init_params, rng), base["initial_checkpoint"],
+        fresh_patterns=(r".*/lora_[ab]_[^/]*",))
+  else:
+    params = jax.tree.map(np.asarray, model.init_params(rng))
   flat = traverse_util.flatten_dict(params, sep="/")
   for name, value in traverse_util.flatten_dict(trained, sep="/").items():
     if name not in flat or flat[name].shape != value.shape:
@@ -225,4 +229,8 @@ def load_for_inference(model, path: str):
                        "the model does not have with that shape; check the "
                        "model gin against the training run's config.gin.")
     flat[name] = value
+  missing = [n for n, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+  if missing:
+    raise ValueError(f"Checkpoint {path} lacks trained params {missing[:5]}; "
+                     "it does not belong to this model config.")
   return model, traverse_util.unflatten_dict(flat, sep="/"), meta

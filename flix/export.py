@@ -43,7 +43,6 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 from absl import flags
-import gin
 import numpy as np
 from safetensors import numpy as safetensors_np
 
@@ -504,19 +503,9 @@ def load_model(gin_files: Sequence[str], gin_bindings: Sequence[str],
   if not gin_files:
     raise ValueError("Give the training run's model gin with --gin_file "
                      "(e.g. configs/demo_eval.gin) so the sizes are known.")
-  # As gin_utils.parse_gin: includes are relative to configs/, searched first.
-  for path in [gin_utils.CONFIG_DIR] + list(search_paths) + [
-      gin_utils.REPO_ROOT]:
-    gin.add_config_file_search_path(path)
-  gin_files = [os.path.abspath(f) if os.path.exists(f) else f
-               for f in gin_files]
-  try:
-    gin.parse_config_files_and_bindings(
-        gin_files, list(gin_bindings) + ["FEATURE_SPACE = None"],
-        finalize_config=False, skip_unknown=False)
-  except (ValueError, KeyError, IOError, SyntaxError) as e:
-    raise ValueError(f"Gin configuration error: {e}\n  gin files: "
-                     f"{list(gin_files)}") from e
+  gin_utils.parse_gin(gin_files,
+                      list(gin_bindings) + ["FEATURE_SPACE = None"],
+                      search_paths, finalize=False)
   return gin_utils.call_configured(models.FlixModel)
 
 

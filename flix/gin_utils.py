@@ -57,8 +57,13 @@ def flags_parser(argv: Sequence[str]) -> list[str]:
 
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
-              search_paths: Sequence[str] = (".",)) -> None:
-  """Parses gin files and bindings; errors say which file or macro is wrong."""
+              search_paths: Sequence[str] = (".",),
+              finalize: bool = True) -> None:
+  """Parses gin files and bindings; errors say which file or macro is wrong.
+
+  With `finalize`, unbound REQUIRED macros are an error now (entry points);
+  without, only what is actually called must be bound (flix.export).
+  """
   # Includes are written relative to configs/ ('models/tiny.gin'); search it
   # first so gin logs no misses. Files that exist as given are used as is.
   for path in [CONFIG_DIR] + list(search_paths) + [REPO_ROOT]:
@@ -80,7 +85,8 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
         "be bound, e.g. --gin.MODEL_DIR=\\\"/tmp/run\\\".") from e
   finally:
     logging.getLogger().removeFilter(quiet)
-  gin.finalize()
+  if finalize:
+    gin.finalize()
 
 
 def setup(argv: Sequence[str]) -> None:
