@@ -28,6 +28,7 @@ COMPANIONS = {
     "peft": ["models/tiny.gin"],
     "runs": ["models/tiny.gin", "peft/flix.gin"],
     "ablations": ["demo.gin"],
+    "reproduce": ["peft/lora.gin"],
 }
 
 
