@@ -30,6 +30,12 @@ in this process through `flix.trainer.train`):
   4. Outputs in --output_dir: results.json, results.md, heatmap_<method>.png,
      bars.png, figure2.png.
 
+Budget: the defaults (`BUDGET`: 300 base steps, 120 adaptation steps, 16
+test examples per pair, Figure 2 on the cardinal task) fit ~40 minutes on 2
+shared CPU cores and are far from converged; `--base_steps=0 --steps=0
+--eval_examples=0 --figure2_tasks=all` uses the gin files' longer setting
+(1500 base steps, 1000 adaptation steps, 50 examples; hours on 2 cores).
+
 Runs are cached too (a run directory per configuration and seed: a finished
 run is reloaded, an interrupted one resumes), so a re-run only redoes what
 changed.
@@ -70,6 +76,11 @@ METHODS = collections.OrderedDict([
     ("full", ("full.gin", "Full fine-tuning")),
 ])
 MULTILINGUAL_METHODS = ("lora", "flix")
+# Defaults of the one command: what fits ~40 minutes on 2 shared CPU cores
+# (measured: ~0.5 base steps/s, ~2.5 LoRA/FLix steps/s, ~90 s per adaptation
+# run with its evaluation). The gin files hold a longer setting (flags = 0).
+BUDGET = {"base_steps": 300, "steps": 120, "eval_examples": 16,
+          "figure2_tasks": "cardinal"}
 METRICS = ("exact_match", "cer")
 
 
@@ -144,7 +155,8 @@ def base_stage(args, extra_files: Sequence[str]) -> tuple[str, dict]:
   bindings = list(args.base_binding)
   if args.base_steps:
     bindings.append(f"TRAIN_STEPS = {args.base_steps}")
-  key = _key(_config_text(files), bindings, args.pretrain_size)
+  key = _key(_config_text(files), bindings, args.pretrain_size,
+             args.languages, args.tasks)
   model_dir = os.path.join(args.cache_dir, f"base-{key}")
   bindings.append(f"MODEL_DIR = '{model_dir}'")
   start = time.time()
@@ -158,21 +170,64 @@ def base_stage(args, extra_files: Sequence[str]) -> tuple[str, dict]:
   else:
     logging.info("Pre-training the base (%d steps) in %s.", steps, model_dir)
     run, _ = train_configured(files, bindings)
+    with open(os.path.join(model_dir, "num_params.json"), "w") as f:
+      json.dump({"num_params": train_step.count_params(run.params),
+                 "train_seconds": round(time.time() - start, 1)}, f)
     del run
     cached = False
   info = {"model_dir": model_dir, "train_steps": steps, "cached": cached,
           "seconds": round(time.time() - start, 1),
-          "gin_files": files, "bindings": bindings[:-1]}
+          "gin_files": files, "bindings": bindings[:-1], "num_params": None}
   params_path = os.path.join(model_dir, "num_params.json")
-  if not cached or not os.path.exists(params_path):
-    parse(files, bindings)
-    model = macro("MODEL")
-    count = train_step.count_params(model.abstract_params())
-    with open(params_path, "w") as f:
-      json.dump({"num_params": count}, f)
-  with open(params_path) as f:
-    info["num_params"] = json.load(f)["num_params"]
+  if os.path.exists(params_path):
+    with open(params_path) as f:
+      saved = json.load(f)
+    info["num_params"] = saved["num_params"]
+    info["train_seconds"] = saved.get("train_seconds")
   return model_dir, info
+
+
+_EXAMPLES: dict[Any, list] = {}
+
+
+def _task_examples(task_name, split, lengths, max_examples):
+  """`input_pipeline.task_examples`, cached (building TF graphs is slow)."""
+  from flix import input_pipeline  # pylint: disable=g-import-not-at-top
+  key = (task_name, split, tuple(sorted(lengths.items())), max_examples)
+  if key not in _EXAMPLES:
+    _EXAMPLES[key] = input_pipeline.task_examples(task_name, split, lengths,
+                                                  max_examples)
+  return _EXAMPLES[key]
+
+
+def evaluate_tasks(model, params, task_names: Sequence[str], split: str,
+                   lengths: dict[str, int], seen: set, batch_size: int,
+                   max_examples: Optional[int]
+                   ) -> tuple[list[dict], list[list[str]]]:
+  """Greedy decoding + the tasks' metrics per (task, language) (as
+  `flix.evaluation.evaluate_tasks`, with the examples cached across runs)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from flix import evaluation  # pylint: disable=g-import-not-at-top
+  from flix import input_pipeline  # pylint: disable=g-import-not-at-top
+  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+  rows, samples = [], []
+  for task_name in task_names:
+    task = seqio.get_mixture_or_task(task_name)
+    examples = _task_examples(task_name, split, lengths, max_examples)
+    vocabulary = task.output_features["targets"].vocabulary
+    predictions = evaluation.predict_examples(
+        model, params, examples, vocabulary, lengths["inputs"],
+        lengths["targets"], batch_size)
+    targets = [ex["targets_pretokenized"].decode("utf-8") for ex in examples]
+    features = input_pipeline.example_features(examples[0])
+    for metric_fn in task.predict_metric_fns:
+      for metric, value in metric_fn(targets, predictions).items():
+        rows.append({"features": features, "metric": metric,
+                     "value": float(value), "examples": len(targets),
+                     "seen_in_training": featurized.is_seen(features, seen)})
+    samples += [[ex["inputs_pretokenized"].decode("utf-8"), t, p]
+                for ex, t, p in list(zip(examples, targets, predictions))[:2]]
+  return rows, samples
 
 
 def adapt_and_evaluate(args, method: str, mixture: str, seed: int,
@@ -180,7 +235,6 @@ def adapt_and_evaluate(args, method: str, mixture: str, seed: int,
                        eval_tasks: Sequence[str], train_steps: Optional[int],
                        ) -> dict:
   """Trains one (method, mixture, seed) run (or reloads it) and evaluates."""
-  from flix import evaluation  # pylint: disable=g-import-not-at-top
   from flix import train_step  # pylint: disable=g-import-not-at-top
   from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
   files = [f"reproduce/{METHODS[method][0]}", *extra_files]
@@ -207,20 +261,18 @@ def adapt_and_evaluate(args, method: str, mixture: str, seed: int,
   train_seconds = time.time() - start
   trainable = train_step.count_params(run.state.trainable)
   start = time.time()
-  rows, _ = evaluation.evaluate_tasks(
-      run.model, run.params, eval_tasks, args.split,
-      settings["TASK_FEATURE_LENGTHS"], featurized.seen_pairs(mixture),
-      batch_size=settings["EVAL_BATCH_SIZE"] or 64,
-      max_examples_per_task=eval_examples)
+  rows, samples = evaluate_tasks(run.model, run.params, eval_tasks, args.split,
+                        settings["TASK_FEATURE_LENGTHS"],
+                        featurized.seen_pairs(mixture),
+                        settings["EVAL_BATCH_SIZE"] or 64, eval_examples)
   eval_seconds = time.time() - start
-  for row in rows:
-    row.pop("task_name", None)
   out = {"method": method, "mixture": mixture, "seed": seed,
          "train_steps": settings["TRAIN_STEPS"],
          "trainable_params": trainable, "model_dir": model_dir,
          "gin_files": files, "bindings": bindings,
          "train_seconds": round(train_seconds, 1),
-         "eval_seconds": round(eval_seconds, 1), "rows": rows}
+         "eval_seconds": round(eval_seconds, 1), "rows": rows,
+         "samples": samples}
   logging.info("%s / %s / seed %d: %d trainable params, train %.0fs, eval "
                "%.0fs.", mixture, method, seed, trainable, train_seconds,
                eval_seconds)
@@ -280,36 +332,40 @@ def summarize_method(runs: Sequence[dict], held_out: set) -> dict[str, Any]:
 
 def figure2(multitask: dict[str, list[dict]],
             multilingual: dict[str, dict[str, list[dict]]]) -> dict:
-  """Multitask minus multilingual-only EM on each task's supervised pairs.
+  """Multitask minus multilingual-only EM (and CER) on each task's pairs.
 
-  Paired by seed: the difference of per-seed macro averages, then mean and
-  spread over seeds; "all" averages the per-task differences.
+  Over the supervised pairs of the multilingual-only run. Paired by seed: the
+  difference of per-seed macro averages, then mean and spread over seeds;
+  "all" averages the per-task differences.
   """
+  names = {"exact_match": "em", "cer": "cer"}
   out = {}
   for method, per_task in multilingual.items():
     by_seed_mt = {r["seed"]: r for r in multitask[method]}
     result = {}
-    all_diffs = collections.defaultdict(list)
+    all_diffs = collections.defaultdict(lambda: collections.defaultdict(list))
     for task, runs in per_task.items():
-      diffs, ml_values, mt_values = [], [], []
+      values = collections.defaultdict(list)
       for run in runs:
-        pairs = [(t, l) for (t, l, m), row in _cells(run["rows"]).items()
-                 if m == "exact_match" and row["seen_in_training"]]
-        ml = np.mean([_cells(run["rows"])[(t, l, "exact_match")]["value"]
-                      for t, l in pairs])
+        ml_cells = _cells(run["rows"])
         mt_cells = _cells(by_seed_mt[run["seed"]]["rows"])
-        mt = np.mean([mt_cells[(t, l, "exact_match")]["value"]
-                      for t, l in pairs])
-        diffs.append(mt - ml)
-        ml_values.append(ml)
-        mt_values.append(mt)
-        all_diffs[run["seed"]].append(mt - ml)
-      result[task] = {"multitask_em": _stats(mt_values),
-                      "multilingual_em": _stats(ml_values),
-                      "delta_em": _stats(diffs),
-                      "multilingual_train_steps": runs[0]["train_steps"]}
-    result["all"] = {"delta_em": _stats(
-        [float(np.mean(v)) for _, v in sorted(all_diffs.items())])}
+        pairs = [(t, l) for (t, l, m), row in ml_cells.items()
+                 if m == "exact_match" and row["seen_in_training"]]
+        for metric, short in names.items():
+          ml = float(np.mean([ml_cells[(t, l, metric)]["value"]
+                              for t, l in pairs]))
+          mt = float(np.mean([mt_cells[(t, l, metric)]["value"]
+                              for t, l in pairs]))
+          values[f"multilingual_{short}"].append(ml)
+          values[f"multitask_{short}"].append(mt)
+          values[f"delta_{short}"].append(mt - ml)
+          all_diffs[short][run["seed"]].append(mt - ml)
+      result[task] = {k: _stats(v) for k, v in values.items()}
+      result[task]["multilingual_train_steps"] = runs[0]["train_steps"]
+    result["all"] = {
+        f"delta_{short}": _stats([float(np.mean(v)) for _, v in
+                                  sorted(all_diffs[short].items())])
+        for short in names.values()}
     out[method] = result
   return out
 
@@ -345,32 +401,52 @@ def write_markdown(path: str, results: dict) -> None:
         f"{_fmt(m['supervised']['exact_match'])} | "
         f"{_fmt(m['zero_shot']['exact_match'])} | "
         f"{_fmt(m['supervised']['cer'])} | {_fmt(m['zero_shot']['cer'])} |")
+  lines += ["", "## Per zero-shot pair", "",
+            "| method | " + " | ".join(
+                f"({t}, {l}) EM | CER" for t, l in results["zero_shot_pairs"])
+            + " |",
+            "|---|" + "---:|---:|" * len(results["zero_shot_pairs"])]
+  for name, m in methods.items():
+    cells = {(c["task"], c["language"], c["metric"]): c for c in m["cells"]}
+    lines.append(f"| {m['label']} | " + " | ".join(
+        f"{_fmt(cells[(t, l, 'exact_match')])} | {_fmt(cells[(t, l, 'cer')])}"
+        for t, l in results["zero_shot_pairs"]) + " |")
+  if not results["figure2"]:
+    lines += ["", "(Figure-2 runs skipped.)"]
   lines += ["", "## Multitask vs multilingual-only (Figure 2)", "",
             "EM on each task's supervised pairs; delta = multitask − "
-            "multilingual-only (negative: the multitask mixture hurts). The "
+            "multilingual-only (EM below 0 or CER above 0: the multitask mixture "
+            "hurts). The "
             "multilingual-only run of a task trains for that task's share of "
             "the multitask steps (the same number of its examples).", "",
-            "| method | task | multilingual-only EM | multitask EM | delta |",
-            "|---|---|---:|---:|---:|"]
+            "| method | task | multilingual-only EM | multitask EM | delta EM "
+            "| multilingual-only CER | multitask CER | delta CER |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
   for method, per_task in results["figure2"].items():
     for task, r in per_task.items():
       if task == "all":
         continue
       lines.append(f"| {methods[method]['label']} | {task} | "
                    f"{_fmt(r['multilingual_em'])} | {_fmt(r['multitask_em'])}"
-                   f" | {_fmt(r['delta_em'])} |")
+                   f" | {_fmt(r['delta_em'])} | {_fmt(r['multilingual_cer'])} "
+                   f"| {_fmt(r['multitask_cer'])} | {_fmt(r['delta_cer'])} |")
     lines.append(f"| {methods[method]['label']} | **mean** | | | "
-                 f"**{_fmt(per_task['all']['delta_em'])}** |")
+                 f"**{_fmt(per_task['all']['delta_em'])}** | | | "
+                 f"**{_fmt(per_task['all']['delta_cer'])}** |")
   base = results["base"]
   lines += ["", "## Setup", "",
-            f"- Base: {base['num_params']:,} params, "
+            f"- Base: {base['num_params'] or 0:,} params, "
             f"{base['train_steps']} steps of span corruption "
             f"(`configs/reproduce/base.gin`), "
-            + ("reused from the cache" if base["cached"] else
-               f"trained in {base['seconds']:.0f} s") + ".",
+            + (f"trained in {base['train_seconds']:.0f} s" if
+               base.get("train_seconds") else "trained earlier")
+            + (" (reused from the cache)" if base["cached"] else "") + ".",
             f"- Adaptation: {results['train_steps']} steps per multitask run "
             "(`configs/reproduce/<method>.gin`).",
-            f"- Wall time: {results['wall_seconds'] / 60:.1f} min.",
+            f"- Wall time of this invocation: "
+            f"{results['wall_seconds'] / 60:.1f} min; adaptation runs "
+            f"(train + eval, summed over runs, cached ones included): "
+            f"{results['runs_seconds'] / 60:.1f} min.",
             "", "Plots: `heatmap_<method>.png` (EM per task x language, mean "
             "over seeds; hatched = zero-shot), `bars.png`, `figure2.png`.",
             ""]
@@ -395,8 +471,8 @@ def plot_heatmaps(results: dict, output_dir: str) -> list[str]:
             for c in m["cells"]]
     path = os.path.join(output_dir, f"heatmap_{name}.png")
     sup, zs = m["supervised"]["exact_match"], m["zero_shot"]["exact_match"]
-    title = (f"{m['label']}: exact match, mean of {len(m['seeds'])} seeds\n"
-             f"supervised {sup['mean']:.1f}, zero-shot (* hatched) "
+    title = (f"{m['label']}\nEM, mean of {len(m['seeds'])} seeds: "
+             f"supervised {sup['mean']:.1f},\nzero-shot (* hatched) "
              f"{zs['mean']:.1f}")
     if evaluation.plot_heatmap(rows, "exact_match", path, title):
       paths.append(path)
@@ -440,24 +516,30 @@ def plot_figure2(results: dict, path: str) -> None:
   x = np.arange(len(tasks))
   width = 0.8 / max(len(methods), 1)
   colors = {"lora": "tab:gray", "flix": "tab:green"}
-  fig, ax = plt.subplots(figsize=(8, 4))
-  for i, method in enumerate(methods):
-    stats = [fig2[method][t]["delta_em"] for t in tasks]
-    offset = (i - (len(methods) - 1) / 2) * width
-    ax.bar(x + offset, [s["mean"] for s in stats], width,
-           yerr=[s["std"] for s in stats], capsize=3,
-           color=colors.get(method), label=results["methods"][method]["label"])
-    for xi, s in zip(x + offset, stats):
-      for v in s["per_seed"]:
-        ax.plot(xi, v, "k.", markersize=3)
-  ax.axhline(0, color="black", linewidth=0.8)
-  ax.set_xticks(x, [t if t != "all" else "mean" for t in tasks])
-  ax.set_ylabel("EM multitask − multilingual-only")
-  ax.set_title("Figure 2: effect of the multitask mixture on each task's "
-               "supervised pairs\n(below 0: multitask training hurts)",
-               fontsize=10)
-  ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  for ax, key, ylabel in (
+      (axes[0], "delta_em", "EM: multitask − multilingual-only\n(below 0: "
+       "multitask hurts)"),
+      (axes[1], "delta_cer", "CER: multitask − multilingual-only\n(above 0: "
+       "multitask hurts)")):
+    for i, method in enumerate(methods):
+      stats = [fig2[method][t][key] for t in tasks]
+      offset = (i - (len(methods) - 1) / 2) * width
+      ax.bar(x + offset, [s["mean"] for s in stats], width,
+             yerr=[s["std"] for s in stats], capsize=3,
+             color=colors.get(method),
+             label=results["methods"][method]["label"])
+      for xi, s in zip(x + offset, stats):
+        for v in s["per_seed"]:
+          ax.plot(xi, v, "k.", markersize=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, [t if t != "all" else "mean" for t in tasks])
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle("Figure 2: multitask multilingual vs multilingual-only "
+               "(single-task) training, on each task's supervised pairs "
+               "(mean ± std over seeds; dots: seeds)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -474,6 +556,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--cache_dir", default=os.path.join(
       os.path.expanduser("~"), ".cache", "flix_reproduce"),
                       help="Base model and run directories (reused).")
+  parser.add_argument("--jax_cache_dir", default=None,
+                      help="JAX persistent compilation cache (default: "
+                      "<cache_dir>/jax_cache).")
   parser.add_argument("--seeds", default="0,1",
                       help="Comma-separated adaptation seeds (>= 2 for a "
                       "spread).")
@@ -483,15 +568,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       choices=("validation", "test"),
                       help="Evaluation split: tune on validation only.")
   parser.add_argument("--eval_examples", type=int, default=None,
-                      help="Examples per (task, language) (default: the "
-                      "gin EVALUATOR_NUM_EXAMPLES).")
+                      help="Examples per (task, language) (default: %d, "
+                      "the 40-minute CPU budget; 0: the gin "
+                      "EVALUATOR_NUM_EXAMPLES)." % BUDGET["eval_examples"])
   parser.add_argument("--base_steps", type=int, default=None,
-                      help="Override base.gin's TRAIN_STEPS.")
+                      help="Base pre-training steps (default: %d, the "
+                      "40-minute CPU budget; 0: base.gin's TRAIN_STEPS)."
+                      % BUDGET["base_steps"])
   parser.add_argument("--steps", type=int, default=None,
-                      help="Override the multitask runs' TRAIN_STEPS.")
+                      help="Multitask adaptation steps (default: %d, the "
+                      "40-minute CPU budget; 0: common.gin's TRAIN_STEPS)."
+                      % BUDGET["steps"])
   parser.add_argument("--pretrain_size", type=int, default=None,
                       help="Train-split numbers spelled per (mode, language) "
                       "for pre-training (default 1000; 20 with --smoke).")
+  parser.add_argument("--languages", default=None,
+                      help="Comma-separated num2words languages (default: "
+                      "numbers.DEFAULT_LANGUAGES; en,de,fr with --smoke).")
+  parser.add_argument("--tasks", default=None,
+                      help="Comma-separated numbers tasks (default: all; "
+                      "cardinal,ordinal,year with --smoke).")
+  parser.add_argument("--train_size", type=int, default=None,
+                      help="Training examples per pair (default: "
+                      "numbers.DEFAULT_TRAIN_SIZE; 50 with --smoke).")
+  parser.add_argument("--figure2_tasks", default=None,
+                      help="Comma-separated tasks with multilingual-only runs "
+                      "(default: %s, the 40-minute CPU budget; 'all': every "
+                      "task)." % BUDGET["figure2_tasks"])
   parser.add_argument("--no_multilingual", action="store_true",
                       help="Skip the Figure-2 multilingual-only runs.")
   parser.add_argument("--binding", action="append", default=[],
@@ -509,12 +612,40 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                       force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  for handler in logging.getLogger().handlers:  # gin's file-search chatter
+    handler.addFilter(lambda r: f"{os.sep}gin{os.sep}" not in r.pathname)
   start = time.time()
+  import jax  # pylint: disable=g-import-not-at-top
+  # Runs of one method share their compiled programs (seeds, Figure-2 runs).
+  jax.config.update("jax_compilation_cache_dir", args.jax_cache_dir or
+                    os.path.join(args.cache_dir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from flix_tasks import numbers  # pylint: disable=g-import-not-at-top
   from flix_tasks import numbers_pretrain  # pylint: disable=g-import-not-at-top
+  if not args.smoke:
+    for name, value in BUDGET.items():
+      if getattr(args, name) is None:
+        setattr(args, name, value)
+  if args.figure2_tasks == "all":
+    args.figure2_tasks = None
+  if args.smoke:
+    args.languages = args.languages or "en,de,fr"
+    args.tasks = args.tasks or "cardinal,ordinal,year"
+    args.train_size = args.train_size or 50
+  languages = tuple(args.languages.split(",")) if args.languages else (
+      numbers.DEFAULT_LANGUAGES)
+  tasks = tuple(args.tasks.split(",")) if args.tasks else numbers.TASKS
+  if (languages, tasks, args.train_size) == (
+      numbers.DEFAULT_LANGUAGES, numbers.TASKS, None):
+    registration = numbers.DEFAULT
+  else:  # Held-out pairs: numbers.DEFAULT_HELD_OUT's that exist here.
+    registration = numbers.register_numbers(
+        languages=languages, tasks=tasks, suffix="_reproduce",
+        train_size=args.train_size or numbers.DEFAULT_TRAIN_SIZE)
   if args.pretrain_size is None:
     args.pretrain_size = 20 if args.smoke else 1000
-  numbers_pretrain.register_pretrain(size=args.pretrain_size)
+  numbers_pretrain.register_pretrain(languages=languages, tasks=tasks,
+                                     size=args.pretrain_size)
   extra = ["reproduce/smoke.gin"] if args.smoke else []
   if args.smoke:
     args.eval_examples = args.eval_examples or 2
@@ -529,12 +660,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
   base_dir, base_info = base_stage(args, extra)
 
-  registration = numbers.DEFAULT
   eval_tasks = [registration.task_names[p] for p in registration.pairs]
   # Steps and eval examples of the multitask runs, from the gin files.
-  parse([f"reproduce/{METHODS[methods[0]][0]}", *extra], args.binding)
+  parse([f"reproduce/{METHODS[methods[0]][0]}", *extra],
+        args.binding + ["MODEL_DIR = '/unused'"])
   steps = macro("TRAIN_STEPS")
-  if args.eval_examples is None:
+  if not args.eval_examples:
     args.eval_examples = macro("EVALUATOR_NUM_EXAMPLES")
 
   multitask = collections.defaultdict(list)
@@ -552,6 +683,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for method in [m for m in MULTILINGUAL_METHODS if m in methods]:
       multilingual[method] = {}
       for task, mixture in registration.multilingual_mixtures.items():
+        if args.figure2_tasks and task not in args.figure2_tasks.split(","):
+          continue
         share = sum(c for (t, _), c in counts.items() if t == task) / total
         task_steps = max(1, int(round(steps * share)))
         tasks = [registration.task_names[p] for p in registration.train_pairs
@@ -584,15 +717,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     summary["label"] = METHODS[method][1]
     summary["gin_file"] = f"configs/reproduce/{METHODS[method][0]}"
     summary["runs"] = [{k: v for k, v in r.items() if k != "rows"}
-                       for r in multitask[method]]
+                       for r in multitask[method]]  # with prediction samples
     results["methods"][method] = summary
   if multilingual:
     results["figure2"] = figure2(multitask, multilingual)
     for method, per_task in multilingual.items():
       results["multilingual_runs"][method] = {
-          task: [{k: v for k, v in r.items() if k != "rows"} for r in runs]
+          task: [{k: v for k, v in r.items() if k not in ("rows", "samples")}
+                 for r in runs]
           for task, runs in per_task.items()}
   results["wall_seconds"] = round(time.time() - start, 1)
+  every_run = [r for runs in multitask.values() for r in runs] + [
+      r for per_task in multilingual.values() for runs in per_task.values()
+      for r in runs]
+  results["runs_seconds"] = round(sum(
+      r["train_seconds"] + r["eval_seconds"] for r in every_run), 1)
 
   out = args.output_dir
   plot_heatmaps(results, out)
