@@ -44,6 +44,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from absl import flags
 import numpy as np
+from flax import traverse_util
 from safetensors import numpy as safetensors_np
 
 from flix import checkpoints
@@ -134,27 +135,6 @@ def resolve_features(
 # ---- Adapter arithmetic ----
 
 
-def _flatten(tree: Mapping[str, Any],
-             prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, prefix + (key,)))
-    else:
-      flat[prefix + (key,)] = value
-  return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
-  tree: Params = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
 def _adapted_layers(flat: Mapping[tuple[str, ...], Any],
                     feature_space: features_lib.FeatureSpace
                     ) -> dict[tuple[str, ...], set[str]]:
@@ -194,7 +174,7 @@ def _layer_factors(params: PyTree, feature_space: features_lib.FeatureSpace,
                    features: Mapping[str, Optional[str]]):
   """Flat params and, per adapted layer, the set's (s A, B) factor pairs."""
   pairs = resolve_features(feature_space, features)
-  flat = _flatten(params)
+  flat = traverse_util.flatten_dict(params)
   factors = {}
   for layer, groups in _adapted_layers(flat, feature_space).items():
     if layer + ("kernel",) not in flat:
@@ -207,8 +187,8 @@ def _layer_factors(params: PyTree, feature_space: features_lib.FeatureSpace,
 
 def base_params(params: PyTree) -> Params:
   """The params without adapter leaves (the frozen base model)."""
-  return _unflatten({path: np.asarray(value)
-                     for path, value in _flatten(params).items()
+  return traverse_util.unflatten_dict({path: np.asarray(value)
+                     for path, value in traverse_util.flatten_dict(params).items()
                      if not _ADAPTER_LEAF_RE.match(path[-1])})
 
 
@@ -242,7 +222,7 @@ def merge_features(params: PyTree, feature_space: features_lib.FeatureSpace,
       delta = sum(a @ b for a, b in factors[path[:-1]])
       value = (value.astype(np.float32) + delta).astype(value.dtype)
     merged[path] = value
-  return _unflatten(merged)
+  return traverse_util.unflatten_dict(merged)
 
 
 # ---- PEFT LoRA ----
@@ -342,7 +322,7 @@ def _target_modules(params: PyTree, modules: Sequence[str]) -> list[str]:
   """Short names (q, wi_0, ...) when they pick exactly `modules`, else paths."""
   names = sorted({m.rsplit(".", 1)[-1] for m in modules})
   every = set()
-  for path in _flatten(params):
+  for path in traverse_util.flatten_dict(params):
     if path[-1] == "kernel":
       try:
         every.add(hf_module_path(path[:-1]))

@@ -47,6 +47,7 @@ import re
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
+from flax import traverse_util
 from safetensors import numpy as safetensors_np
 
 PyTree = Any
@@ -194,13 +195,7 @@ def hf_to_t5x(state_dict: Mapping[str, Any],
   for path, hf_key, transpose in mapping:
     value = np.asarray(state_dict[hf_key])
     flat[path] = np.ascontiguousarray(value.T) if transpose else value
-  tree: Params = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
+  return traverse_util.unflatten_dict(flat)
 
 
 def t5x_to_hf(tree: Mapping[str, Any]) -> StateDict:
