@@ -411,6 +411,9 @@ def test_dropout_is_used_when_enabled(flix_params):
 
 def test_t5_1_1_tiny_preset_matches_real_checkpoint():
   ckpt = SHARED_TESTDATA / "t5x_t5_1_1_tiny" / "checkpoint_3"
+  if not ckpt.exists():
+    pytest.skip(f"The shared T5X test checkpoint is not at {ckpt} "
+                "(../shared/testdata beside the repository).")
   real = _flat(t5x_checkpoint.read_t5x_checkpoint(str(ckpt)))
   cfg = network.preset("t5_1_1_tiny")
   ours = _flat(nn.unbox(_abstract_params(cfg)))
