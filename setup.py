@@ -39,7 +39,6 @@ setuptools.setup(
     description="FLix: Featurized Low-Rank Mixtures for multitask multilingual PEFT in JAX",
     packages=["flix", "flix_tasks"],
     package_dir={"flix": "flix", "flix_tasks": "tasks"},
-    package_data={"flix": ["../configs/**/*.gin"]},
     python_requires=">=3.10",
     install_requires=_CORE + _DATA,
     extras_require={"test": _TEST},
