@@ -6,6 +6,8 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
+
+import conftest
 from safetensors import numpy as safetensors_np
 
 from flix import hf_checkpoint
@@ -23,34 +25,7 @@ _DIMS = dict(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2,
 
 
 def _expected_t5x_shapes(v, d, hk, f, h, b, num_enc, num_dec, untied=True):
-  shapes = {
-      'token_embedder/embedding': (v, d),
-      'encoder/relpos_bias/rel_embedding': (h, b),
-      'encoder/encoder_norm/scale': (d,),
-      'decoder/relpos_bias/rel_embedding': (h, b),
-      'decoder/decoder_norm/scale': (d,),
-  }
-  if untied:
-    shapes['decoder/logits_dense/kernel'] = (d, v)
-  attention = {'query': (d, hk), 'key': (d, hk), 'value': (d, hk),
-               'out': (hk, d)}
-  mlp = {'wi_0': (d, f), 'wi_1': (d, f), 'wo': (f, d)}
-  for i in range(num_enc):
-    p = f'encoder/layers_{i}'
-    shapes[f'{p}/pre_attention_layer_norm/scale'] = (d,)
-    shapes[f'{p}/pre_mlp_layer_norm/scale'] = (d,)
-    shapes.update(
-        {f'{p}/attention/{n}/kernel': s for n, s in attention.items()})
-    shapes.update({f'{p}/mlp/{n}/kernel': s for n, s in mlp.items()})
-  for i in range(num_dec):
-    p = f'decoder/layers_{i}'
-    for norm in ('pre_self_attention_layer_norm',
-                 'pre_cross_attention_layer_norm', 'pre_mlp_layer_norm'):
-      shapes[f'{p}/{norm}/scale'] = (d,)
-    for attn in ('self_attention', 'encoder_decoder_attention'):
-      shapes.update({f'{p}/{attn}/{n}/kernel': s for n, s in attention.items()})
-    shapes.update({f'{p}/mlp/{n}/kernel': s for n, s in mlp.items()})
-  return shapes
+  return conftest.t5x_shapes(v, d, hk, f, h, b, num_enc, num_dec, untied)
 
 
 # ------------------------------------------------------------------------------

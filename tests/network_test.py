@@ -14,6 +14,7 @@ from flix import network
 from flix import t5_layers
 from flix import t5x_checkpoint
 
+import conftest
 from conftest import SHARED_TESTDATA
 
 SPACE = features_lib.FeatureSpace(groups=(
@@ -42,46 +43,10 @@ def _abstract_params(cfg, length=1):
 
 
 def t5x_tree(cfg):
-  """{path: (shape, logical axes)} of T5X_NOTES.md §1.3, written out."""
-  d, hk, f, v = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, (
-      cfg.vocab_size)
-  embed = ((d,), ("embed",))
-  tree = {
-      "token_embedder/embedding": ((v, d), ("vocab", "embed")),
-      "encoder/relpos_bias/rel_embedding": (
-          (cfg.num_heads, 32), ("heads", "relpos_buckets")),
-      "encoder/encoder_norm/scale": embed,
-      "decoder/relpos_bias/rel_embedding": (
-          (cfg.num_heads, 32), ("heads", "relpos_buckets")),
-      "decoder/decoder_norm/scale": embed,
-      "decoder/logits_dense/kernel": ((d, v), ("embed", "vocab")),
-  }
-
-  def attention(prefix):
-    for name in ("query", "key", "value"):
-      tree[f"{prefix}/{name}/kernel"] = ((d, hk), ("embed", "joined_kv"))
-    tree[f"{prefix}/out/kernel"] = ((hk, d), ("joined_kv", "embed"))
-
-  def mlp(prefix):
-    tree[f"{prefix}/wi_0/kernel"] = ((d, f), ("embed", "mlp"))
-    tree[f"{prefix}/wi_1/kernel"] = ((d, f), ("embed", "mlp"))
-    tree[f"{prefix}/wo/kernel"] = ((f, d), ("mlp", "embed"))
-
-  for i in range(cfg.num_encoder_layers):
-    p = f"encoder/layers_{i}"
-    tree[f"{p}/pre_attention_layer_norm/scale"] = embed
-    attention(f"{p}/attention")
-    tree[f"{p}/pre_mlp_layer_norm/scale"] = embed
-    mlp(f"{p}/mlp")
-  for i in range(cfg.num_decoder_layers):
-    p = f"decoder/layers_{i}"
-    tree[f"{p}/pre_self_attention_layer_norm/scale"] = embed
-    attention(f"{p}/self_attention")
-    tree[f"{p}/pre_cross_attention_layer_norm/scale"] = embed
-    attention(f"{p}/encoder_decoder_attention")
-    tree[f"{p}/pre_mlp_layer_norm/scale"] = embed
-    mlp(f"{p}/mlp")
-  return tree
+  return conftest.t5x_tree(cfg.vocab_size, cfg.emb_dim,
+                           cfg.num_heads * cfg.head_dim, cfg.mlp_dim,
+                           cfg.num_heads, 32, cfg.num_encoder_layers,
+                           cfg.num_decoder_layers)
 
 
 # Millions of parameters (T5X_NOTES.md §1.4; ByT5: the published sizes).

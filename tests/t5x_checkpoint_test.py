@@ -10,6 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import conftest
+
 from flix import t5x_checkpoint
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,35 +42,8 @@ def _expected_shapes(params):
   relpos = params['encoder']['relpos_bias']['rel_embedding'].shape
   num_enc = len([k for k in params['encoder'] if k.startswith('layers_')])
   num_dec = len([k for k in params['decoder'] if k.startswith('layers_')])
-  shapes = {
-      'token_embedder/embedding': (vocab, d),
-      'encoder/relpos_bias/rel_embedding': relpos,
-      'encoder/encoder_norm/scale': (d,),
-      'decoder/relpos_bias/rel_embedding': relpos,
-      'decoder/decoder_norm/scale': (d,),
-      'decoder/logits_dense/kernel': (d, vocab),
-  }
-  attention = {'query': (d, hk), 'key': (d, hk), 'value': (d, hk),
-               'out': (hk, d)}
-  mlp = {'wi_0': (d, f), 'wi_1': (d, f), 'wo': (f, d)}
-  for i in range(num_enc):
-    p = f'encoder/layers_{i}'
-    shapes[f'{p}/pre_attention_layer_norm/scale'] = (d,)
-    shapes[f'{p}/pre_mlp_layer_norm/scale'] = (d,)
-    for name, shape in attention.items():
-      shapes[f'{p}/attention/{name}/kernel'] = shape
-    for name, shape in mlp.items():
-      shapes[f'{p}/mlp/{name}/kernel'] = shape
-  for i in range(num_dec):
-    p = f'decoder/layers_{i}'
-    for norm in ('pre_self_attention_layer_norm',
-                 'pre_cross_attention_layer_norm', 'pre_mlp_layer_norm'):
-      shapes[f'{p}/{norm}/scale'] = (d,)
-    for attn in ('self_attention', 'encoder_decoder_attention'):
-      for name, shape in attention.items():
-        shapes[f'{p}/{attn}/{name}/kernel'] = shape
-    for name, shape in mlp.items():
-      shapes[f'{p}/mlp/{name}/kernel'] = shape
+  shapes = conftest.t5x_shapes(vocab, d, hk, f, relpos[0], relpos[1], num_enc,
+                               num_dec)
   dims = dict(vocab=vocab, d=d, hk=hk, f=f, relpos=relpos, num_enc=num_enc,
               num_dec=num_dec)
   return shapes, dims
