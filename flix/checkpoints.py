@@ -20,15 +20,19 @@ own base is loaded recursively and its trained params merged in).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+
+from flix import features as features_lib
 
 PyTree = Any
 META_FILE = "flix_meta.json"
@@ -143,7 +147,7 @@ def load_any_params(path: str) -> PyTree:
         load_any_params(base["initial_checkpoint"]), sep="/")
     merged.update(traverse_util.flatten_dict(params, sep="/"))
     return traverse_util.unflatten_dict(merged, sep="/")
-  if base.get("init_seed") is not None and "frozen" not in meta:
+  if base.get("init_seed") is not None:
     logging.info("Checkpoint %s was trained on a randomly initialised base "
                  "(seed %s).", path, base["init_seed"])
   return params
@@ -165,7 +169,6 @@ def restore_base_params(target: PyTree, path: str,
   Returns:
     nested dict like `target`.
   """
-  import re  # pylint: disable=g-import-not-at-top
   loaded = traverse_util.flatten_dict(load_any_params(path), sep="/")
   fresh = [re.compile(p) for p in fresh_patterns]
   out, missing, wrong = {}, [], []
@@ -203,8 +206,6 @@ def load_for_inference(model, path: str):
   Returns:
     (model, params as a nested numpy dict, meta dict)
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from flix import features as features_lib  # pylint: disable=g-import-not-at-top
   trained, meta = read_flix_checkpoint(path)
   space = meta.get("feature_space")
   config = dataclasses.replace(

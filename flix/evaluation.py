@@ -67,7 +67,8 @@ def predict_examples(model: models.FlixModel, params: PyTree,
   return predictions
 
 
-def _text(value) -> str:
+def text_of(value) -> str:
+  """A TF string feature (bytes) as str."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -101,7 +102,7 @@ def evaluate_tasks(model: models.FlixModel, params: PyTree,
     by_features = collections.defaultdict(lambda: ([], []))
     for example, prediction in zip(examples, predictions):
       features = input_pipeline.example_features(example)
-      target = _text(example["targets_pretokenized"])
+      target = text_of(example["targets_pretokenized"])
       if task.postprocess_fn is not None:
         target = task.postprocess_fn(target, example=example, is_target=True)
         prediction = task.postprocess_fn(prediction, example=example,
@@ -110,7 +111,7 @@ def evaluate_tasks(model: models.FlixModel, params: PyTree,
       by_features[key][0].append(target)
       by_features[key][1].append(prediction)
       records.append({"task": task_name,
-                      "inputs": _text(example["inputs_pretokenized"]),
+                      "inputs": text_of(example["inputs_pretokenized"]),
                       "target": target, "prediction": prediction,
                       "features": features})
     for key, (targets, preds) in by_features.items():

@@ -63,7 +63,7 @@ def infer(*, model: models.FlixModel, checkpoint_path: str, output_dir: str,
     vocabulary = task.output_features["targets"].vocabulary
     examples = input_pipeline.task_examples(mixture_or_task_name, split,
                                             task_feature_lengths)
-    records = [{"inputs": evaluation._text(ex["inputs_pretokenized"]),  # pylint: disable=protected-access
+    records = [{"inputs": evaluation.text_of(ex["inputs_pretokenized"]),
                 "features": input_pipeline.example_features(ex)}
                for ex in examples]
     name = f"{mixture_or_task_name}-{split}"

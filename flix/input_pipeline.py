@@ -17,10 +17,9 @@ import seqio
 import tensorflow as tf
 
 from flix import features as features_lib
+from flix_tasks import featurized
 
 tf.config.set_visible_devices([], "GPU")  # keep TF off accelerators
-
-FEATURE_PREFIX = "feature_"
 
 
 def train_batches(mixture_or_task_name: str,
@@ -78,10 +77,10 @@ def example_features(example: Mapping[str, Any]) -> dict[str, str]:
   """`{group: value}` of an example's `feature_<group>` strings."""
   out = {}
   for key, value in example.items():
-    if key.startswith(FEATURE_PREFIX):
+    if key.startswith(featurized.FEATURE_PREFIX):
       value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
       if value:
-        out[key[len(FEATURE_PREFIX):]] = value
+        out[key[len(featurized.FEATURE_PREFIX):]] = value
   return out
 
 
