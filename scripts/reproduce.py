@@ -80,7 +80,8 @@ MULTILINGUAL_METHODS = ("lora", "flix")
 # (measured: ~0.5 base steps/s, ~2.5 LoRA/FLix steps/s, ~90 s per adaptation
 # run with its evaluation). The gin files hold a longer setting (flags = 0).
 BUDGET = {"base_steps": 300, "steps": 120, "eval_examples": 16,
-          "figure2_tasks": "cardinal"}
+          "figure2_tasks": "cardinal", "max_number": 1000,
+          "vocabulary": "sentencepiece"}
 METRICS = ("exact_match", "cer")
 
 
@@ -156,7 +157,8 @@ def base_stage(args, extra_files: Sequence[str]) -> tuple[str, dict]:
   if args.base_steps:
     bindings.append(f"TRAIN_STEPS = {args.base_steps}")
   key = _key(_config_text(files), bindings, args.pretrain_size,
-             args.languages, args.tasks)
+             args.languages, args.tasks, args.max_number, args.vocabulary,
+             args.vocab_size)
   model_dir = os.path.join(args.cache_dir, f"base-{key}")
   bindings.append(f"MODEL_DIR = '{model_dir}'")
   start = time.time()
@@ -548,6 +550,30 @@ def plot_figure2(results: dict, path: str) -> None:
 # ---- Main ----
 
 
+def feature_lengths(registration, pretrain_size: int, vocabulary
+                    ) -> tuple[dict[str, int], dict[str, int]]:
+  """Feature lengths that fit every example: (pre-training, adaptation).
+
+  Token lengths + EOS, rounded up to a multiple of 8. A span-corrupted text
+  of n tokens has at most n input and n + 1 target tokens.
+  """
+  from flix_tasks import numbers  # pylint: disable=g-import-not-at-top
+  longest_inputs = longest_targets = longest_pretrain = 1
+  for (task, language), sizes in registration.num_examples.items():
+    for split, size in sizes.items():
+      for inputs, targets in numbers.examples(
+          task, language, split, max(size, pretrain_size),
+          registration.max_number):
+        longest_inputs = max(longest_inputs, len(vocabulary.encode(inputs)))
+        longest_targets = max(longest_targets,
+                              len(vocabulary.encode(targets)))
+  round_up = lambda n: -(-(n + 1) // 8) * 8
+  return ({"inputs": round_up(longest_targets),
+           "targets": round_up(longest_targets + 1)},
+          {"inputs": round_up(longest_inputs),
+           "targets": round_up(longest_targets)})
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -579,6 +605,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="Multitask adaptation steps (default: %d, the "
                       "40-minute CPU budget; 0: common.gin's TRAIN_STEPS)."
                       % BUDGET["steps"])
+  parser.add_argument("--max_number", type=int, default=None,
+                      help="Cardinals and ordinals below this, currency "
+                      "amounts below a tenth of it (default: %d, the "
+                      "40-minute CPU budget; 0: numbers.DEFAULT_MAX_NUMBER)."
+                      % BUDGET["max_number"])
+  parser.add_argument("--vocabulary", default=None,
+                      choices=("sentencepiece", "bytes"),
+                      help="Tokens of inputs and targets (default: %s, the "
+                      "40-minute CPU budget; bytes with --smoke): a "
+                      "SentencePiece model trained on the train split "
+                      "(flix_tasks.numbers_vocabulary), or bytes."
+                      % BUDGET["vocabulary"])
+  parser.add_argument("--vocab_size", type=int, default=1000,
+                      help="SentencePiece pieces (sentinels come on top).")
   parser.add_argument("--pretrain_size", type=int, default=None,
                       help="Train-split numbers spelled per (mode, language) "
                       "for pre-training (default 1000; 20 with --smoke).")
@@ -622,6 +662,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from flix_tasks import numbers  # pylint: disable=g-import-not-at-top
   from flix_tasks import numbers_pretrain  # pylint: disable=g-import-not-at-top
+  from flix_tasks import numbers_vocabulary  # pylint: disable=g-import-not-at-top
   if not args.smoke:
     for name, value in BUDGET.items():
       if getattr(args, name) is None:
@@ -629,23 +670,47 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if args.figure2_tasks == "all":
     args.figure2_tasks = None
   if args.smoke:
+    args.vocabulary = args.vocabulary or "bytes"
     args.languages = args.languages or "en,de,fr"
     args.tasks = args.tasks or "cardinal,ordinal,year"
     args.train_size = args.train_size or 50
   languages = tuple(args.languages.split(",")) if args.languages else (
       numbers.DEFAULT_LANGUAGES)
   tasks = tuple(args.tasks.split(",")) if args.tasks else numbers.TASKS
-  if (languages, tasks, args.train_size) == (
-      numbers.DEFAULT_LANGUAGES, numbers.TASKS, None):
+  max_number = args.max_number or numbers.DEFAULT_MAX_NUMBER
+  train_size = args.train_size or numbers.DEFAULT_TRAIN_SIZE
+  if args.pretrain_size is None:
+    args.pretrain_size = 20 if args.smoke else 1000
+  if args.vocabulary == "sentencepiece":
+    vocabulary = numbers_vocabulary.sentencepiece_vocabulary(
+        numbers.working_pairs(tasks, languages), args.cache_dir,
+        vocab_size=args.vocab_size,
+        size=max(train_size, args.pretrain_size), max_number=max_number)
+    pretrain_vocabulary = vocabulary
+  else:
+    vocabulary = numbers.VOCABULARY
+    pretrain_vocabulary = numbers_pretrain.PRETRAIN_VOCABULARY
+  if (languages, tasks, train_size, max_number, args.vocabulary) == (
+      numbers.DEFAULT_LANGUAGES, numbers.TASKS, numbers.DEFAULT_TRAIN_SIZE,
+      numbers.DEFAULT_MAX_NUMBER, "bytes"):
     registration = numbers.DEFAULT
   else:  # Held-out pairs: numbers.DEFAULT_HELD_OUT's that exist here.
     registration = numbers.register_numbers(
         languages=languages, tasks=tasks, suffix="_reproduce",
-        train_size=args.train_size or numbers.DEFAULT_TRAIN_SIZE)
-  if args.pretrain_size is None:
-    args.pretrain_size = 20 if args.smoke else 1000
+        train_size=train_size, max_number=max_number, vocabulary=vocabulary)
   numbers_pretrain.register_pretrain(languages=languages, tasks=tasks,
-                                     size=args.pretrain_size)
+                                     size=args.pretrain_size,
+                                     max_number=max_number,
+                                     vocabulary=pretrain_vocabulary)
+  base_lengths, lengths = feature_lengths(registration, args.pretrain_size,
+                                          vocabulary)
+  model_bindings = [
+      f"network.preset.vocab_size = {pretrain_vocabulary.vocab_size}"]
+  args.base_binding = [*model_bindings,
+                       f"TASK_FEATURE_LENGTHS = {base_lengths}",
+                       *args.base_binding]
+  args.binding = [*model_bindings, f"TASK_FEATURE_LENGTHS = {lengths}",
+                  *args.binding]
   extra = ["reproduce/smoke.gin"] if args.smoke else []
   if args.smoke:
     args.eval_examples = args.eval_examples or 2

@@ -62,10 +62,16 @@ _SPLIT_SALT = 1
 _ORDER_SALT = 2
 
 VOCABULARY = seqio.ByteVocabulary()
-OUTPUT_FEATURES = {
-    "inputs": seqio.Feature(vocabulary=VOCABULARY, add_eos=True),
-    "targets": seqio.Feature(vocabulary=VOCABULARY, add_eos=True),
-}
+
+
+def output_features(vocabulary: seqio.Vocabulary = VOCABULARY
+                    ) -> dict[str, seqio.Feature]:
+  """Inputs and targets in `vocabulary`, each ending with EOS."""
+  return {name: seqio.Feature(vocabulary=vocabulary, add_eos=True)
+          for name in ("inputs", "targets")}
+
+
+OUTPUT_FEATURES = output_features()
 
 
 # ---- Numbers and their spelling ----
@@ -75,7 +81,9 @@ def value_range(task: str, max_number: int = DEFAULT_MAX_NUMBER
                 ) -> tuple[int, int]:
   """Half-open range `[low, high)` of a task's integer values.
 
-  Currency values are amounts in cents (1.00 to 999.99).
+  Currency values are amounts in cents, 1.00 up to (not including)
+  `max_number / 10` (999.99 at the default 10,000), so that a smaller
+  `max_number` also shortens the currency texts.
   """
   if task == "cardinal":
     return 0, max_number
@@ -84,7 +92,7 @@ def value_range(task: str, max_number: int = DEFAULT_MAX_NUMBER
   if task == "year":
     return 1000, 2100
   if task == "currency":
-    return 100, 100_000
+    return 100, 10 * max_number
   raise ValueError(f"Unknown numbers task {task!r}; tasks are {TASKS}.")
 
 
@@ -246,6 +254,7 @@ class NumbersRegistration:
     eval_mixture: name of the mixture of all pairs.
     multilingual_mixtures: `{task: single-task training mixture name}`.
     num_examples: `{(task, language): {split: examples}}`.
+    max_number: the numbers' range (see `value_range`).
   """
 
   pairs: tuple[tuple[str, str], ...]
@@ -255,6 +264,7 @@ class NumbersRegistration:
   eval_mixture: str
   multilingual_mixtures: dict[str, str]
   num_examples: dict[tuple[str, str], dict[str, int]]
+  max_number: int = DEFAULT_MAX_NUMBER
 
   @property
   def train_pairs(self) -> tuple[tuple[str, str], ...]:
@@ -273,6 +283,7 @@ def register_numbers(
     eval_size: int = DEFAULT_EVAL_SIZE,
     suffix: str = "",
     max_number: int = DEFAULT_MAX_NUMBER,
+    vocabulary: seqio.Vocabulary = VOCABULARY,
 ) -> NumbersRegistration:
   """Registers the numbers tasks and mixtures (replacing same-named ones).
 
@@ -284,7 +295,10 @@ def register_numbers(
     train_size: training examples per pair (at most; years have ~880).
     eval_size: validation and test examples per pair (each, at most).
     suffix: appended to every task and mixture name, for variants.
-    max_number: cardinal and ordinal numbers are below this.
+    max_number: cardinal and ordinal numbers are below this; currency
+      amounts below a tenth of it.
+    vocabulary: of inputs and targets (bytes by default; the reproduction
+      uses `numbers_vocabulary.sentencepiece_vocabulary`).
 
   Returns:
     A `NumbersRegistration` describing what was registered.
@@ -328,6 +342,7 @@ def register_numbers(
                       language)
 
   metric_fns = featurized.default_metric_fns()
+  features = output_features(vocabulary)
   names, counts = {}, {}
   for task, language in pairs:
     sizes = {
@@ -346,7 +361,7 @@ def register_numbers(
         name,
         source=source,
         preprocessors=featurized.text_preprocessors(),
-        output_features=OUTPUT_FEATURES,
+        output_features=features,
         metric_fns=metric_fns,
         features={"task": task, "language": language})
     names[(task, language)] = name
@@ -372,7 +387,8 @@ def register_numbers(
       train_mixture=train_mixture,
       eval_mixture=eval_mixture,
       multilingual_mixtures=multilingual,
-      num_examples=counts)
+      num_examples=counts,
+      max_number=max_number)
 
 
 DEFAULT = register_numbers()

@@ -1,27 +1,31 @@
 """Pre-training data for the numbers reproduction: span corruption.
 
-Stands in for mT5's pre-training: a byte-level T5 base that has read the
+Stands in for mT5's pre-training: a small T5 base that has read the
 spelled-out numbers of every mode (cardinal, ordinal, year, currency) in every
 language, *including the held-out (task, language) pairs' words*, but never
 the task format (`"ordinal fr: 12" -> "douzième"`). Adaptation then has to
-learn the mapping from digits to words; for a held-out pair it can only
-compose what the task and the language taught it, as in the paper, where mT5
-knows every language but never saw the XTREME-UP task of a held-out pair.
+learn the format and which mode and language to write; for a held-out pair it
+can only compose what the task and the language taught it, as in the paper,
+where mT5 knows every language but never saw the XTREME-UP task of a held-out
+pair.
 
-Examples are T5-style span corruption over the spelled text alone (no task
-name, no language code, no digits): random byte spans are replaced by
-sentinels in the inputs and the targets are the sentinels followed by the
-spans they hide:
+Examples are T5-style span corruption over the spelled text (no task name,
+no language code; a `digits_rate` share of the texts starts with the
+number's digits, as numbers appear in running text): random token spans are
+replaced by sentinels in the inputs and the targets are the sentinels
+followed by the spans they hide (here with bytes):
 
   text     "douze mille trois cent quarante-deux"
   inputs   "douze m<X0>e trois cen<X1>quarante-deux"
   targets  "<X0>ill<X1>t <X2>"
 
 Sentinels are the vocabulary's extra ids, from the top down (T5's
-convention); `PRETRAIN_VOCABULARY` is the numbers ByteVocabulary with extra
-ids up to the 384 embeddings of the byte-level presets. A share of the
-examples (`prefix_rate`) hide one long span at the end of the text instead,
-so the decoder also learns to write whole words.
+convention); `PRETRAIN_VOCABULARY` (the default) is the numbers ByteVocabulary
+with extra ids up to the 384 embeddings of the byte-level presets; any
+vocabulary with extra ids works (the reproduction uses the SentencePiece one
+of `numbers_vocabulary`). A share of the examples (`prefix_rate`) hide one
+long span at the end of the text instead, so the decoder also learns to write
+whole words (from the digits, where the text starts with them).
 
 Only numbers of the train split (`numbers.split_values(..., "train")`) are
 used, so no validation or test number of the adaptation tasks leaks into the
@@ -44,27 +48,30 @@ from flix_tasks import featurized
 from flix_tasks import numbers
 
 PRETRAIN_VOCABULARY = seqio.ByteVocabulary(extra_ids=125)  # vocab_size 384
-OUTPUT_FEATURES = {
-    "inputs": seqio.Feature(vocabulary=PRETRAIN_VOCABULARY, add_eos=True),
-    "targets": seqio.Feature(vocabulary=PRETRAIN_VOCABULARY, add_eos=True),
-}
 DEFAULT_NAME = "numbers_pretrain"
 
 
-def sentinel(index: int, vocabulary: seqio.ByteVocabulary = PRETRAIN_VOCABULARY
+def sentinel(index: int, vocab_size: int = PRETRAIN_VOCABULARY.vocab_size
              ) -> int:
   """Token id of sentinel `index` (0 = the vocabulary's last id)."""
-  return vocabulary.vocab_size - 1 - index
+  return vocab_size - 1 - index
 
 
 def spelled_texts(pairs: Sequence[tuple[str, str]], size: int,
-                  max_number: int = numbers.DEFAULT_MAX_NUMBER
-                  ) -> list[str]:
-  """Spellings of up to `size` train-split numbers of every pair."""
+                  max_number: int = numbers.DEFAULT_MAX_NUMBER,
+                  digits_rate: float = 0.0) -> list[str]:
+  """Spellings of up to `size` train-split numbers of every pair.
+
+  A `digits_rate` share of them (a fixed pseudo-random choice) is preceded
+  by the number's digits: "994 neuf cent quatre-vingt-quatorze".
+  """
+  rng = np.random.default_rng(0)
   texts = []
   for task, language in pairs:
-    for _, target in numbers.examples(task, language, "train", size,
-                                      max_number):
+    for inputs, target in numbers.examples(task, language, "train", size,
+                                           max_number):
+      if rng.random() < digits_rate:
+        target = f"{inputs.rsplit(' ', 1)[1]} {target}"  # See make_inputs.
       texts.append(target)
   return texts
 
@@ -72,7 +79,7 @@ def spelled_texts(pairs: Sequence[tuple[str, str]], size: int,
 def corrupt(tokens: Sequence[int], rng: np.random.Generator,
             noise_density: float = 0.3, mean_span_length: float = 4.0,
             prefix: bool = False,
-            vocabulary: seqio.ByteVocabulary = PRETRAIN_VOCABULARY
+            vocab_size: int = PRETRAIN_VOCABULARY.vocab_size
             ) -> tuple[list[int], list[int]]:
   """T5 span corruption of one token list -> (inputs, targets), no EOS.
 
@@ -82,7 +89,7 @@ def corrupt(tokens: Sequence[int], rng: np.random.Generator,
     noise_density: share of tokens masked.
     mean_span_length: mean length of a masked span.
     prefix: mask one span at the end instead (30-60% of the text).
-    vocabulary: where the sentinel ids come from.
+    vocab_size: the vocabulary's size; sentinels are its top ids.
 
   Returns:
     `(inputs, targets)` token lists.
@@ -90,7 +97,7 @@ def corrupt(tokens: Sequence[int], rng: np.random.Generator,
   tokens = list(tokens)
   n = len(tokens)
   if n < 2:
-    return tokens, [sentinel(0, vocabulary)]
+    return tokens, [sentinel(0, vocab_size)]
   mask = np.zeros(n, bool)
   if prefix:
     cut = int(round(n * rng.uniform(0.4, 0.7)))
@@ -123,30 +130,29 @@ def corrupt(tokens: Sequence[int], rng: np.random.Generator,
   for token, masked in zip(tokens, mask):
     if masked:
       if not previous:
-        inputs.append(sentinel(index, vocabulary))
-        targets.append(sentinel(index, vocabulary))
+        inputs.append(sentinel(index, vocab_size))
+        targets.append(sentinel(index, vocab_size))
         index += 1
       targets.append(token)
     else:
       inputs.append(token)
     previous = masked
-  targets.append(sentinel(index, vocabulary))
+  targets.append(sentinel(index, vocab_size))
   return inputs, targets
 
 
-@functools.lru_cache(maxsize=4)
-def corrupted_examples(pairs: tuple[tuple[str, str], ...], size: int,
+def corrupted_examples(texts: Sequence[Sequence[int]], vocab_size: int,
                        copies: int, seed: int, noise_density: float,
                        mean_span_length: float, prefix_rate: float
                        ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-  """`copies` corruptions of every text, as (inputs, targets) token arrays."""
+  """`copies` corruptions of every tokenized text, as (inputs, targets)."""
   rng = np.random.default_rng(seed)
   inputs, targets = [], []
-  for text in spelled_texts(pairs, size):
-    tokens = PRETRAIN_VOCABULARY.encode(text)
+  for tokens in texts:
     for _ in range(copies):
       x, y = corrupt(tokens, rng, noise_density, mean_span_length,
-                     prefix=bool(rng.random() < prefix_rate))
+                     prefix=bool(rng.random() < prefix_rate),
+                     vocab_size=vocab_size)
       inputs.append(np.asarray(x, np.int32))
       targets.append(np.asarray(y, np.int32))
   order = rng.permutation(len(inputs))
@@ -154,18 +160,19 @@ def corrupted_examples(pairs: tuple[tuple[str, str], ...], size: int,
 
 
 def _dataset_fn(split: str, shuffle_files: bool = False,
-                seed: Optional[int] = None, *, pairs, size, copies,
+                seed: Optional[int] = None, *, texts_fn, vocab_size, copies,
                 noise_density, mean_span_length, prefix_rate,
                 num_validation) -> tf.data.Dataset:
   del shuffle_files, seed  # Deterministic; the Task shuffles examples.
+  texts = texts_fn()
   if split == "train":
-    inputs, targets = corrupted_examples(pairs, size, copies, 0,
+    inputs, targets = corrupted_examples(texts, vocab_size, copies, 0,
                                          noise_density, mean_span_length,
                                          prefix_rate)
   else:
-    inputs, targets = corrupted_examples(pairs, size, 1, 1, noise_density,
+    inputs, targets = corrupted_examples(texts[:num_validation], vocab_size,
+                                         1, 1, noise_density,
                                          mean_span_length, prefix_rate)
-    inputs, targets = inputs[:num_validation], targets[:num_validation]
   return tf.data.Dataset.from_tensor_slices({
       "inputs": tf.ragged.constant([x.tolist() for x in inputs],
                                    dtype=tf.int32),
@@ -184,6 +191,9 @@ def register_pretrain(
     mean_span_length: float = 4.0,
     prefix_rate: float = 0.3,
     num_validation: int = 256,
+    max_number: int = numbers.DEFAULT_MAX_NUMBER,
+    vocabulary: seqio.Vocabulary = PRETRAIN_VOCABULARY,
+    digits_rate: float = 0.0,
 ) -> seqio.Task:
   """Registers (or replaces) the span-corruption task over spelled numbers.
 
@@ -198,6 +208,10 @@ def register_pretrain(
     mean_span_length: mean masked span, in bytes.
     prefix_rate: share of examples that mask the end of the text instead.
     num_validation: examples of the (unused) validation split.
+    max_number: the numbers' range (`numbers.register_numbers`'s).
+    vocabulary: tokenizes the texts; its top `extra_ids` are the sentinels.
+    digits_rate: share of texts preceded by their digits, as numbers appear
+      in running text (never with a task name or a language code).
 
   Returns:
     The registered task; it carries no FLix features.
@@ -206,19 +220,31 @@ def register_pretrain(
   if not pairs:
     raise ValueError(f"No working (task, language) pair in {tasks} x "
                      f"{languages}.")
-  num = len(pairs) * size * copies
-  logging.info("%s: %d pairs, ~%d examples.", name, len(pairs), num)
+  if not vocabulary.extra_ids:
+    raise ValueError("Span corruption needs a vocabulary with extra ids "
+                     "(sentinels).")
+
+  @functools.lru_cache(maxsize=1)
+  def tokenized_texts():  # On first use: registering at import stays cheap.
+    return tuple(tuple(vocabulary.encode(text))
+                 for text in spelled_texts(pairs, size, max_number,
+                                             digits_rate))
+
+  logging.info("%s: %d pairs, ~%d examples.", name, len(pairs),
+               len(pairs) * size * copies)
   source = seqio.FunctionDataSource(
       dataset_fn=functools.partial(
-          _dataset_fn, pairs=tuple(pairs), size=size, copies=copies,
-          noise_density=noise_density, mean_span_length=mean_span_length,
-          prefix_rate=prefix_rate, num_validation=num_validation),
+          _dataset_fn, texts_fn=tokenized_texts,
+          vocab_size=vocabulary.vocab_size,
+          copies=copies, noise_density=noise_density,
+          mean_span_length=mean_span_length, prefix_rate=prefix_rate,
+          num_validation=num_validation),
       splits=("train", "validation"))
   return featurized.add_task(
       name,
       source=source,
       preprocessors=[seqio.preprocessors.append_eos_after_trim],
-      output_features=OUTPUT_FEATURES,
+      output_features=numbers.output_features(vocabulary),
       features=None)
 
 

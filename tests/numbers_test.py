@@ -105,6 +105,14 @@ def test_splits_are_disjoint_over_numbers():
     assert fractions[0] == pytest.approx(0.8, abs=0.05)
 
 
+def test_max_number_bounds_every_task_but_year():
+  assert numbers.value_range("cardinal", 1000) == (0, 1000)
+  assert numbers.value_range("ordinal", 1000) == (1, 1000)
+  assert numbers.value_range("currency", 1000) == (100, 10_000)  # < 100.00
+  assert numbers.value_range("currency") == (100, 100_000)  # < 1000.00
+  assert numbers.value_range("year", 1000) == numbers.value_range("year")
+
+
 def test_no_evaluation_number_in_any_training_example():
   train_values, eval_values = set(), set()
   for (task, language), sizes in DEFAULT.num_examples.items():
