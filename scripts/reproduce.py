@@ -12,11 +12,20 @@ One command:
     python scripts/reproduce.py                # ~40 min on 2 CPU cores
     python scripts/reproduce.py --smoke --output_dir=/tmp/smoke   # seconds
 
+Data (`DATA`, also with --smoke): the numbers mixture with cardinals and
+ordinals below --max_number=1000 (currency below 100.00, years 1000-2099),
+tokenized by a SentencePiece model trained on its train split
+(`flix_tasks.numbers_vocabulary`; bytes made every target 3-5x longer and
+nothing converged in the budget).
+
 Stages (each a gin config under configs/reproduce/, parsed with gin and run
 in this process through `flix.trainer.train`):
-  1. base.gin: a small byte-level T5, fully trained on span corruption over
+  1. base.gin: a small T5 v1.1, fully trained on span corruption over
      spelled-out numbers of every mode in every language (held-out pairs'
      words included, never the task format; `flix_tasks.numbers_pretrain`).
+     A --digits_rate share of the texts starts with the number's digits and
+     some of those hide the whole spelling, so the base learns to read a
+     number and write it in some language and mode; adaptation teaches which.
      Cached under --cache_dir, keyed by its configuration, and reused.
   2. Adaptation of the base on `numbers_multitask` (4 held-out pairs) with
      lora.gin, flix.gin, flix_no_dropout.gin, flix_task_only.gin,
@@ -30,11 +39,10 @@ in this process through `flix.trainer.train`):
   4. Outputs in --output_dir: results.json, results.md, heatmap_<method>.png,
      bars.png, figure2.png.
 
-Budget: the defaults (`BUDGET`: 300 base steps, 120 adaptation steps, 16
-test examples per pair, Figure 2 on the cardinal task) fit ~40 minutes on 2
-shared CPU cores and are far from converged; `--base_steps=0 --steps=0
---eval_examples=0 --figure2_tasks=all` uses the gin files' longer setting
-(1500 base steps, 1000 adaptation steps, 50 examples; hours on 2 cores).
+Budget (`BUDGET`): 3000 base steps, 1000 adaptation steps, 32 test examples
+per pair, Figure 2 on the cardinal task: ~40 minutes on 2 CPU cores, still
+short of convergence; `--base_steps=0 --steps=0 --eval_examples=0
+--figure2_tasks=all` uses the gin files' settings instead.
 
 Runs are cached too (a run directory per configuration and seed: a finished
 run is reloaded, an interrupted one resumes), so a re-run only redoes what
@@ -76,12 +84,14 @@ METHODS = collections.OrderedDict([
     ("full", ("full.gin", "Full fine-tuning")),
 ])
 MULTILINGUAL_METHODS = ("lora", "flix")
+# The data of the reproduction (--smoke too).
+DATA = {"max_number": 1000, "vocabulary": "sentencepiece", "digits_rate": 0.8}
 # Defaults of the one command: what fits ~40 minutes on 2 shared CPU cores
-# (measured: ~0.5 base steps/s, ~2.5 LoRA/FLix steps/s, ~90 s per adaptation
-# run with its evaluation). The gin files hold a longer setting (flags = 0).
-BUDGET = {"base_steps": 300, "steps": 120, "eval_examples": 16,
-          "figure2_tasks": "cardinal", "max_number": 1000,
-          "vocabulary": "sentencepiece"}
+# (measured: ~6.5 base steps/s, ~8.5 LoRA/FLix steps/s, ~2.3 min per
+# 1000-step adaptation run with its evaluation). The gin files hold a longer
+# setting (flags = 0).
+BUDGET = {"base_steps": 3000, "steps": 1000, "eval_examples": 32,
+          "figure2_tasks": "cardinal"}
 METRICS = ("exact_match", "cer")
 
 
@@ -158,7 +168,7 @@ def base_stage(args, extra_files: Sequence[str]) -> tuple[str, dict]:
     bindings.append(f"TRAIN_STEPS = {args.base_steps}")
   key = _key(_config_text(files), bindings, args.pretrain_size,
              args.languages, args.tasks, args.max_number, args.vocabulary,
-             args.vocab_size)
+             args.vocab_size, args.digits_rate or 0.0)
   model_dir = os.path.join(args.cache_dir, f"base-{key}")
   bindings.append(f"MODEL_DIR = '{model_dir}'")
   start = time.time()
@@ -607,18 +617,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       % BUDGET["steps"])
   parser.add_argument("--max_number", type=int, default=None,
                       help="Cardinals and ordinals below this, currency "
-                      "amounts below a tenth of it (default: %d, the "
-                      "40-minute CPU budget; 0: numbers.DEFAULT_MAX_NUMBER)."
-                      % BUDGET["max_number"])
+                      "amounts below a tenth of it (default: %d; 0: "
+                      "numbers.DEFAULT_MAX_NUMBER)."
+                      % DATA["max_number"])
   parser.add_argument("--vocabulary", default=None,
                       choices=("sentencepiece", "bytes"),
-                      help="Tokens of inputs and targets (default: %s, the "
-                      "40-minute CPU budget; bytes with --smoke): a "
+                      help="Tokens of inputs and targets (default: %s): a "
                       "SentencePiece model trained on the train split "
                       "(flix_tasks.numbers_vocabulary), or bytes."
-                      % BUDGET["vocabulary"])
+                      % DATA["vocabulary"])
   parser.add_argument("--vocab_size", type=int, default=1000,
                       help="SentencePiece pieces (sentinels come on top).")
+  parser.add_argument("--digits_rate", type=float, default=None,
+                      help="Share of pre-training texts preceded by their "
+                      "digits (default: %s)."
+                      % DATA["digits_rate"])
   parser.add_argument("--pretrain_size", type=int, default=None,
                       help="Train-split numbers spelled per (mode, language) "
                       "for pre-training (default 1000; 20 with --smoke).")
@@ -663,14 +676,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   from flix_tasks import numbers  # pylint: disable=g-import-not-at-top
   from flix_tasks import numbers_pretrain  # pylint: disable=g-import-not-at-top
   from flix_tasks import numbers_vocabulary  # pylint: disable=g-import-not-at-top
-  if not args.smoke:
-    for name, value in BUDGET.items():
-      if getattr(args, name) is None:
-        setattr(args, name, value)
+  defaults = DATA if args.smoke else {**DATA, **BUDGET}
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
   if args.figure2_tasks == "all":
     args.figure2_tasks = None
   if args.smoke:
-    args.vocabulary = args.vocabulary or "bytes"
     args.languages = args.languages or "en,de,fr"
     args.tasks = args.tasks or "cardinal,ordinal,year"
     args.train_size = args.train_size or 50
@@ -701,7 +713,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   numbers_pretrain.register_pretrain(languages=languages, tasks=tasks,
                                      size=args.pretrain_size,
                                      max_number=max_number,
-                                     vocabulary=pretrain_vocabulary)
+                                     vocabulary=pretrain_vocabulary,
+                                     digits_rate=args.digits_rate or 0.0)
   base_lengths, lengths = feature_lengths(registration, args.pretrain_size,
                                           vocabulary)
   model_bindings = [

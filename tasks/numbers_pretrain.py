@@ -25,7 +25,9 @@ with extra ids up to the 384 embeddings of the byte-level presets; any
 vocabulary with extra ids works (the reproduction uses the SentencePiece one
 of `numbers_vocabulary`). A share of the examples (`prefix_rate`) hide one
 long span at the end of the text instead, so the decoder also learns to write
-whole words (from the digits, where the text starts with them).
+whole words; where the text starts with digits, the span is the whole
+spelling: the base learns to read a number and write it in some language and
+mode, and adaptation teaches which.
 
 Only numbers of the train split (`numbers.split_values(..., "train")`) are
 used, so no validation or test number of the adaptation tasks leaks into the
@@ -59,28 +61,37 @@ def sentinel(index: int, vocab_size: int = PRETRAIN_VOCABULARY.vocab_size
 
 def spelled_texts(pairs: Sequence[tuple[str, str]], size: int,
                   max_number: int = numbers.DEFAULT_MAX_NUMBER,
-                  digits_rate: float = 0.0) -> list[str]:
-  """Spellings of up to `size` train-split numbers of every pair.
+                  digits_rate: float = 0.0) -> list[tuple[str, str]]:
+  """`(digits, spelling)` of up to `size` train-split numbers of every pair.
 
-  A `digits_rate` share of them (a fixed pseudo-random choice) is preceded
-  by the number's digits: "994 neuf cent quatre-vingt-quatorze".
+  `digits` is the number as written in the inputs ("994") for a
+  `digits_rate` share of them (a fixed pseudo-random choice), else "".
   """
   rng = np.random.default_rng(0)
   texts = []
   for task, language in pairs:
     for inputs, target in numbers.examples(task, language, "train", size,
                                            max_number):
-      if rng.random() < digits_rate:
-        target = f"{inputs.rsplit(' ', 1)[1]} {target}"  # See make_inputs.
-      texts.append(target)
+      digits = inputs.rsplit(" ", 1)[1]  # See numbers.make_inputs.
+      texts.append((digits if rng.random() < digits_rate else "", target))
   return texts
+
+
+def tokenize(digits: str, spelling: str, vocabulary: seqio.Vocabulary
+             ) -> tuple[tuple[int, ...], int]:
+  """Tokens of "<digits> <spelling>" (or the spelling alone) and how many
+  of them spell the digits (0 without digits)."""
+  if not digits:
+    return tuple(vocabulary.encode(spelling)), 0
+  return (tuple(vocabulary.encode(f"{digits} {spelling}")),
+          len(vocabulary.encode(digits)))
 
 
 def corrupt(tokens: Sequence[int], rng: np.random.Generator,
             noise_density: float = 0.3, mean_span_length: float = 4.0,
             prefix: bool = False,
-            vocab_size: int = PRETRAIN_VOCABULARY.vocab_size
-            ) -> tuple[list[int], list[int]]:
+            vocab_size: int = PRETRAIN_VOCABULARY.vocab_size,
+            prefix_cut: int = 0) -> tuple[list[int], list[int]]:
   """T5 span corruption of one token list -> (inputs, targets), no EOS.
 
   Args:
@@ -90,6 +101,9 @@ def corrupt(tokens: Sequence[int], rng: np.random.Generator,
     mean_span_length: mean length of a masked span.
     prefix: mask one span at the end instead (30-60% of the text).
     vocab_size: the vocabulary's size; sentinels are its top ids.
+    prefix_cut: with `prefix`, mask everything after this many tokens (the
+      digits of a "<digits> <spelling>" text: the model reads the number
+      and writes its words); 0 = a random cut.
 
   Returns:
     `(inputs, targets)` token lists.
@@ -100,7 +114,7 @@ def corrupt(tokens: Sequence[int], rng: np.random.Generator,
     return tokens, [sentinel(0, vocab_size)]
   mask = np.zeros(n, bool)
   if prefix:
-    cut = int(round(n * rng.uniform(0.4, 0.7)))
+    cut = prefix_cut or int(round(n * rng.uniform(0.4, 0.7)))
     cut = min(max(cut, 1), n - 1)
     mask[cut:] = True
   else:
@@ -141,18 +155,19 @@ def corrupt(tokens: Sequence[int], rng: np.random.Generator,
   return inputs, targets
 
 
-def corrupted_examples(texts: Sequence[Sequence[int]], vocab_size: int,
-                       copies: int, seed: int, noise_density: float,
-                       mean_span_length: float, prefix_rate: float
+def corrupted_examples(texts: Sequence[tuple[Sequence[int], int]],
+                       vocab_size: int, copies: int, seed: int,
+                       noise_density: float, mean_span_length: float,
+                       prefix_rate: float
                        ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-  """`copies` corruptions of every tokenized text, as (inputs, targets)."""
+  """`copies` corruptions of every `tokenize`d text, as (inputs, targets)."""
   rng = np.random.default_rng(seed)
   inputs, targets = [], []
-  for tokens in texts:
+  for tokens, digits_length in texts:
     for _ in range(copies):
       x, y = corrupt(tokens, rng, noise_density, mean_span_length,
                      prefix=bool(rng.random() < prefix_rate),
-                     vocab_size=vocab_size)
+                     vocab_size=vocab_size, prefix_cut=digits_length)
       inputs.append(np.asarray(x, np.int32))
       targets.append(np.asarray(y, np.int32))
   order = rng.permutation(len(inputs))
@@ -211,7 +226,8 @@ def register_pretrain(
     max_number: the numbers' range (`numbers.register_numbers`'s).
     vocabulary: tokenizes the texts; its top `extra_ids` are the sentinels.
     digits_rate: share of texts preceded by their digits, as numbers appear
-      in running text (never with a task name or a language code).
+      in running text (never with a task name or a language code); their
+      `prefix_rate` share hides the whole spelling after the digits.
 
   Returns:
     The registered task; it carries no FLix features.
@@ -226,9 +242,10 @@ def register_pretrain(
 
   @functools.lru_cache(maxsize=1)
   def tokenized_texts():  # On first use: registering at import stays cheap.
-    return tuple(tuple(vocabulary.encode(text))
-                 for text in spelled_texts(pairs, size, max_number,
-                                             digits_rate))
+    return tuple(tokenize(digits, spelling, vocabulary)
+                 for digits, spelling in spelled_texts(pairs, size,
+                                                       max_number,
+                                                       digits_rate))
 
   logging.info("%s: %d pairs, ~%d examples.", name, len(pairs),
                len(pairs) * size * copies)

@@ -79,3 +79,19 @@ def test_span_corruption_hides_spans_behind_sentinels(vocabulary, prefix):
     assert rebuilt == tokens
     if prefix and len(tokens) > 1:  # A one-piece text is left whole.
       assert len(sentinels) == 1 and inputs[-1] == sentinels[0]
+
+
+def test_digit_texts_hide_the_whole_spelling_in_prefix_mode(vocabulary):
+  texts = numbers_pretrain.spelled_texts(PAIRS, 50, 1000, digits_rate=0.5)
+  with_digits = [t for t in texts if t[0]]
+  assert 0.3 < len(with_digits) / len(texts) < 0.7
+  digits, spelling = with_digits[0]
+  tokens, cut = numbers_pretrain.tokenize(digits, spelling, vocabulary)
+  assert vocabulary.decode(tokens[:cut]) == digits
+  size = vocabulary.vocab_size
+  inputs, targets = numbers_pretrain.corrupt(
+      tokens, np.random.default_rng(0), prefix=True, vocab_size=size,
+      prefix_cut=cut)
+  sentinel = numbers_pretrain.sentinel(0, size)
+  assert inputs == [*tokens[:cut], sentinel]
+  assert vocabulary.decode(targets[1:-1]).strip() == spelling
