@@ -253,9 +253,9 @@ def adapt_and_evaluate(args, method: str, mixture: str, seed: int,
   bindings = [f"MIXTURE_OR_TASK_NAME = '{mixture}'",
               f"RANDOM_SEED = {seed}",
               f"INITIAL_CHECKPOINT_PATH = '{base_dir}'"]
-  if train_steps:
-    bindings.append(f"TRAIN_STEPS = {train_steps}")
   bindings += list(args.binding)
+  if train_steps:  # Last: overrides --steps (a later binding wins).
+    bindings.append(f"TRAIN_STEPS = {train_steps}")
   key = _key(_config_text(files), bindings)
   model_dir = os.path.join(args.cache_dir, "runs", mixture, method,
                            f"seed{seed}-{key}")

@@ -24,7 +24,7 @@ def test_reproduce_smoke_writes_every_output(tmp_path):
       "jax_cache_smoke")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   command = [sys.executable, str(REPO / "scripts" / "reproduce.py"),
-             "--smoke", "--seeds=0,1", "--languages=en,fr",
+             "--smoke", "--seeds=0,1", "--steps=4", "--languages=en,fr",
              "--tasks=cardinal,ordinal", f"--output_dir={out}",
              f"--cache_dir={cache}", f"--jax_cache_dir={jax_cache}"]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
@@ -57,9 +57,14 @@ def test_reproduce_smoke_writes_every_output(tmp_path):
   assert params["flix"] == params["flix_no_dropout"]
   assert params["lora"] < params["flix"]
   assert set(results["figure2"]) == {"lora", "flix"}
+  assert results["train_steps"] == 4
   for method in results["figure2"].values():
     assert set(method) == {"cardinal", "ordinal", "all"}
     assert len(method["all"]["delta_em"]["per_seed"]) == 2
+    # A task's share of the multitask steps: cardinal has 2 of the 3
+    # training pairs, ordinal 1 (ordinal fr is held out).
+    assert method["cardinal"]["multilingual_train_steps"] == 3
+    assert method["ordinal"]["multilingual_train_steps"] == 1
 
   # results.md: one table row per method, plus the Figure-2 table.
   table = (out / "results.md").read_text()
