@@ -24,6 +24,12 @@ def test_skipping_batches_resumes_at_the_same_data_position():
                             fresh[1]["encoder_input_tokens"])
 
 
+def test_training_on_in_memory_sources_logs_no_uncached_warning(caplog):
+  next(input_pipeline.train_batches("numbers_multitask", LENGTHS, 4, None))
+  assert not [r for r in caplog.records
+              if "uncached FunctionDataset" in r.getMessage()]
+
+
 def test_examples_to_batch_encodes_features_and_warns_on_unknown(caplog):
   space = featurized.feature_space("numbers_multitask", ranks=2)
   batch = input_pipeline.examples_to_batch(
