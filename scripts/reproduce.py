@@ -565,9 +565,11 @@ def feature_lengths(registration, pretrain_size: int, vocabulary
   """Feature lengths that fit every example: (pre-training, adaptation).
 
   Token lengths + EOS, rounded up to a multiple of 8. A span-corrupted text
-  of n tokens has at most n input and n + 1 target tokens.
+  of n tokens (digits included, `numbers_pretrain.tokenize`) has at most n
+  input and n + 1 target tokens.
   """
   from flix_tasks import numbers  # pylint: disable=g-import-not-at-top
+  from flix_tasks import numbers_pretrain  # pylint: disable=g-import-not-at-top
   longest_inputs = longest_targets = longest_pretrain = 1
   for (task, language), sizes in registration.num_examples.items():
     for split, size in sizes.items():
@@ -577,9 +579,12 @@ def feature_lengths(registration, pretrain_size: int, vocabulary
         longest_inputs = max(longest_inputs, len(vocabulary.encode(inputs)))
         longest_targets = max(longest_targets,
                               len(vocabulary.encode(targets)))
+        digits = inputs.rsplit(" ", 1)[1]  # See numbers.make_inputs.
+        tokens, _ = numbers_pretrain.tokenize(digits, targets, vocabulary)
+        longest_pretrain = max(longest_pretrain, len(tokens))
   round_up = lambda n: -(-(n + 1) // 8) * 8
-  return ({"inputs": round_up(longest_targets),
-           "targets": round_up(longest_targets + 1)},
+  return ({"inputs": round_up(longest_pretrain),
+           "targets": round_up(longest_pretrain + 1)},
           {"inputs": round_up(longest_inputs),
            "targets": round_up(longest_targets)})
 
