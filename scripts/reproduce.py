@@ -9,7 +9,7 @@ Claims of the paper (arXiv 2402.17934) tested here, with small models:
 
 One command:
 
-    python scripts/reproduce.py                # ~40 min on 2 CPU cores
+    python scripts/reproduce.py                # ~44 min on 2 CPU cores
     python scripts/reproduce.py --smoke --output_dir=/tmp/smoke   # seconds
 
 Data (`DATA`, also with --smoke): the numbers mixture with cardinals and
@@ -40,8 +40,8 @@ in this process through `flix.trainer.train`):
      bars.png, figure2.png.
 
 Budget (`BUDGET`): 3000 base steps, 1000 adaptation steps, 32 test examples
-per pair, Figure 2 on the cardinal task: ~40 minutes on 2 CPU cores, still
-short of convergence; `--base_steps=0 --steps=0 --eval_examples=0
+per pair, Figure 2 on the cardinal task: ~44 minutes on 2 CPU cores
+(measured), still short of convergence; `--base_steps=0 --steps=0 --eval_examples=0
 --figure2_tasks=all` uses the gin files' settings instead.
 
 Runs are cached too (a run directory per configuration and seed: a finished
@@ -86,9 +86,9 @@ METHODS = collections.OrderedDict([
 MULTILINGUAL_METHODS = ("lora", "flix")
 # The data of the reproduction (--smoke too).
 DATA = {"max_number": 1000, "vocabulary": "sentencepiece", "digits_rate": 0.8}
-# Defaults of the one command: what fits ~40 minutes on 2 shared CPU cores
-# (measured: ~6.5 base steps/s, ~8.5 LoRA/FLix steps/s, ~2.3 min per
-# 1000-step adaptation run with its evaluation). The gin files hold a longer
+# Defaults of the one command: ~44 minutes on 2 CPU cores (measured: ~6.7
+# base steps/s, ~8 LoRA/FLix steps/s, 2.3-2.6 min per 1000-step adaptation
+# run with its evaluation). The gin files hold a longer
 # setting (flags = 0).
 BUDGET = {"base_steps": 3000, "steps": 1000, "eval_examples": 32,
           "figure2_tasks": "cardinal"}
@@ -610,15 +610,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="Evaluation split: tune on validation only.")
   parser.add_argument("--eval_examples", type=int, default=None,
                       help="Examples per (task, language) (default: %d, "
-                      "the 40-minute CPU budget; 0: the gin "
+                      "the CPU budget; 0: the gin "
                       "EVALUATOR_NUM_EXAMPLES)." % BUDGET["eval_examples"])
   parser.add_argument("--base_steps", type=int, default=None,
                       help="Base pre-training steps (default: %d, the "
-                      "40-minute CPU budget; 0: base.gin's TRAIN_STEPS)."
+                      "CPU budget; 0: base.gin's TRAIN_STEPS)."
                       % BUDGET["base_steps"])
   parser.add_argument("--steps", type=int, default=None,
                       help="Multitask adaptation steps (default: %d, the "
-                      "40-minute CPU budget; 0: common.gin's TRAIN_STEPS)."
+                      "CPU budget; 0: common.gin's TRAIN_STEPS)."
                       % BUDGET["steps"])
   parser.add_argument("--max_number", type=int, default=None,
                       help="Cardinals and ordinals below this, currency "
@@ -651,7 +651,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       "numbers.DEFAULT_TRAIN_SIZE; 50 with --smoke).")
   parser.add_argument("--figure2_tasks", default=None,
                       help="Comma-separated tasks with multilingual-only runs "
-                      "(default: %s, the 40-minute CPU budget; 'all': every "
+                      "(default: %s, the CPU budget; 'all': every "
                       "task)." % BUDGET["figure2_tasks"])
   parser.add_argument("--no_multilingual", action="store_true",
                       help="Skip the Figure-2 multilingual-only runs.")
