@@ -168,7 +168,7 @@ def base_stage(args, extra_files: Sequence[str]) -> tuple[str, dict]:
     bindings.append(f"TRAIN_STEPS = {args.base_steps}")
   key = _key(_config_text(files), bindings, args.pretrain_size,
              args.languages, args.tasks, args.max_number, args.vocabulary,
-             args.vocab_size, args.digits_rate or 0.0)
+             args.vocab_size, args.digits_rate)
   model_dir = os.path.join(args.cache_dir, f"base-{key}")
   bindings.append(f"MODEL_DIR = '{model_dir}'")
   start = time.time()
@@ -579,8 +579,8 @@ def feature_lengths(registration, pretrain_size: int, vocabulary
         longest_inputs = max(longest_inputs, len(vocabulary.encode(inputs)))
         longest_targets = max(longest_targets,
                               len(vocabulary.encode(targets)))
-        digits = inputs.rsplit(" ", 1)[1]  # See numbers.make_inputs.
-        tokens, _ = numbers_pretrain.tokenize(digits, targets, vocabulary)
+        tokens, _ = numbers_pretrain.tokenize(numbers.digits_of(inputs),
+                                              targets, vocabulary)
         longest_pretrain = max(longest_pretrain, len(tokens))
   round_up = lambda n: -(-(n + 1) // 8) * 8
   return ({"inputs": round_up(longest_pretrain),
@@ -719,7 +719,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                      size=args.pretrain_size,
                                      max_number=max_number,
                                      vocabulary=pretrain_vocabulary,
-                                     digits_rate=args.digits_rate or 0.0)
+                                     digits_rate=args.digits_rate)
   base_lengths, lengths = feature_lengths(registration, args.pretrain_size,
                                           vocabulary)
   model_bindings = [

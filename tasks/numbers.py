@@ -113,6 +113,11 @@ def make_inputs(task: str, language: str, value: int) -> str:
   return f"{task} {language}: {digits(task, value)}"
 
 
+def digits_of(inputs: str) -> str:
+  """The digits of a `make_inputs` string: "cardinal fr: 994" -> "994"."""
+  return inputs.rsplit(" ", 1)[1]
+
+
 def _mix(values: np.ndarray, salt: int) -> np.ndarray:
   """SplitMix64 finaliser: a fixed, platform-independent integer hash."""
   with np.errstate(over="ignore"):

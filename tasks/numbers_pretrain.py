@@ -72,7 +72,7 @@ def spelled_texts(pairs: Sequence[tuple[str, str]], size: int,
   for task, language in pairs:
     for inputs, target in numbers.examples(task, language, "train", size,
                                            max_number):
-      digits = inputs.rsplit(" ", 1)[1]  # See numbers.make_inputs.
+      digits = numbers.digits_of(inputs)
       texts.append((digits if rng.random() < digits_rate else "", target))
   return texts
 

@@ -105,6 +105,12 @@ def test_splits_are_disjoint_over_numbers():
     assert fractions[0] == pytest.approx(0.8, abs=0.05)
 
 
+def test_digits_of_inverts_make_inputs():
+  assert numbers.digits_of(numbers.make_inputs("cardinal", "fr", 994)) == "994"
+  assert numbers.digits_of(numbers.make_inputs("currency", "ru", 1205)) == (
+      "12.05")
+
+
 def test_max_number_bounds_every_task_but_year():
   assert numbers.value_range("cardinal", 1000) == (0, 1000)
   assert numbers.value_range("ordinal", 1000) == (1, 1000)
