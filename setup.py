@@ -31,6 +31,7 @@ _TEST = [
     "torch==2.13.0",
     "peft",
     "accelerate",
+    "pyink",
 ]
 
 setuptools.setup(

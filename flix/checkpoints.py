@@ -45,41 +45,55 @@ def checkpoint_dir(model_dir: str) -> str:
 class Checkpointer:
   """Periodic, atomic Orbax checkpoints of (params, opt_state, meta)."""
 
-  def __init__(self, model_dir: str, keep: Optional[int] = 3,
-               save_period: int = 1):
+  def __init__(
+      self, model_dir: str, keep: Optional[int] = 3, save_period: int = 1
+  ):
     self.directory = checkpoint_dir(model_dir)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_period, create=True),
-        item_names=("params", "opt_state", "meta"))
+            max_to_keep=keep, save_interval_steps=save_period, create=True
+        ),
+        item_names=("params", "opt_state", "meta"),
+    )
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, params: PyTree, opt_state: PyTree,
-           meta: Mapping[str, Any], force: bool = False) -> bool:
+  def save(
+      self,
+      step: int,
+      params: PyTree,
+      opt_state: PyTree,
+      meta: Mapping[str, Any],
+      force: bool = False,
+  ) -> bool:
     saved = self.manager.save(
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(dict(meta))),
-        force=force)
+            meta=ocp.args.JsonSave(dict(meta)),
+        ),
+        force=force,
+    )
     return saved
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
-  def restore(self, step: int, abstract_params: PyTree,
-              abstract_opt_state: PyTree):
+  def restore(
+      self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree
+  ):
     """Restores (params, opt_state, meta) onto the given abstract targets."""
     restored = self.manager.restore(
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),
             opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore()))
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
     return restored["params"], restored["opt_state"], restored["meta"]
 
   def close(self) -> None:
@@ -99,7 +113,8 @@ def resolve_step_dir(path: str) -> str:
         return os.path.join(candidate, str(max(steps)))
   raise FileNotFoundError(
       f"No flix checkpoint at {path}: expected a step directory with "
-      "params/ and meta/, or a MODEL_DIR whose checkpoints/ holds some.")
+      "params/ and meta/, or a MODEL_DIR whose checkpoints/ holds some."
+  )
 
 
 def read_flix_checkpoint(path: str):
@@ -115,46 +130,58 @@ def read_flix_checkpoint(path: str):
 
 def _is_t5x_legacy(path: str) -> bool:
   ckpt = path if os.path.isfile(path) else os.path.join(path, "checkpoint")
-  return os.path.isfile(ckpt) and not os.path.isdir(os.path.join(path,
-                                                                 "params"))
+  return os.path.isfile(ckpt) and not os.path.isdir(
+      os.path.join(path, "params")
+  )
 
 
 def _is_hf(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "config.json")) and any(
-      f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
+      f.endswith((".safetensors", ".bin")) for f in os.listdir(path)
+  )
 
 
 def load_any_params(path: str) -> PyTree:
   """All params stored under `path`, as a nested numpy dict (T5X names)."""
   if path.startswith("gs://"):
     from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
+
     return t5x_checkpoint.read_t5x_checkpoint(path)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"INITIAL_CHECKPOINT_PATH {path} does not exist. Give a T5X "
         "checkpoint directory (…/checkpoint_1000000), a Hugging Face mT5 "
-        "directory (config.json + model.safetensors) or a flix MODEL_DIR.")
+        "directory (config.json + model.safetensors) or a flix MODEL_DIR."
+    )
   if _is_hf(path):
     from flix import hf_checkpoint  # pylint: disable=g-import-not-at-top
+
     return hf_checkpoint.hf_to_t5x(hf_checkpoint.read_hf_checkpoint(path))
   if _is_t5x_legacy(path):
     from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
+
     return t5x_checkpoint.read_t5x_checkpoint(path)
   params, meta = read_flix_checkpoint(path)
   base = meta.get("base", {})
   if base.get("initial_checkpoint"):
     merged = traverse_util.flatten_dict(
-        load_any_params(base["initial_checkpoint"]), sep="/")
+        load_any_params(base["initial_checkpoint"]), sep="/"
+    )
     merged.update(traverse_util.flatten_dict(params, sep="/"))
     return traverse_util.unflatten_dict(merged, sep="/")
   if base.get("init_seed") is not None:
-    logging.info("Checkpoint %s was trained on a randomly initialised base "
-                 "(seed %s).", path, base["init_seed"])
+    logging.info(
+        "Checkpoint %s was trained on a randomly initialised base "
+        "(seed %s).",
+        path,
+        base["init_seed"],
+    )
   return params
 
 
-def restore_base_params(target: PyTree, path: str,
-                        fresh_patterns: tuple[str, ...] = ()) -> PyTree:
+def restore_base_params(
+    target: PyTree, path: str, fresh_patterns: tuple[str, ...] = ()
+) -> PyTree:
   """Fills every param of `target` from the checkpoint at `path`.
 
   Params matching `fresh_patterns` (the adapters) keep their initial values.
@@ -178,8 +205,10 @@ def restore_base_params(target: PyTree, path: str,
     elif name not in loaded:
       missing.append(name)
     elif tuple(loaded[name].shape) != tuple(value.shape):
-      wrong.append(f"{name}: checkpoint {tuple(loaded[name].shape)} vs model "
-                   f"{tuple(value.shape)}")
+      wrong.append(
+          f"{name}: checkpoint {tuple(loaded[name].shape)} vs model "
+          f"{tuple(value.shape)}"
+      )
     else:
       out[name] = np.asarray(loaded[name], dtype=value.dtype)
   if missing or wrong:
@@ -188,7 +217,8 @@ def restore_base_params(target: PyTree, path: str,
         f"{len(missing)} params missing ({', '.join(missing[:5])}"
         f"{', ...' if len(missing) > 5 else ''}); {len(wrong)} with another "
         f"shape ({'; '.join(wrong[:5])}). Check the model gin (sizes) "
-        "against the checkpoint.")
+        "against the checkpoint."
+    )
   return traverse_util.unflatten_dict(out, sep="/")
 
 
@@ -210,8 +240,10 @@ def load_for_inference(model, path: str):
   space = meta.get("feature_space")
   config = dataclasses.replace(
       model.config,
-      feature_space=features_lib.FeatureSpace.from_dict(space) if space
-      else None)
+      feature_space=features_lib.FeatureSpace.from_dict(space)
+      if space
+      else None,
+  )
   model = dataclasses.replace(model, config=config)
   base = meta.get("base", {})
   rng = jax.random.PRNGKey(int(base.get("init_seed") or 0))
@@ -219,19 +251,25 @@ def load_for_inference(model, path: str):
     # Every base value comes from the checkpoint and every adapter from the
     # run: shapes suffice, nothing needs initialising.
     params = restore_base_params(
-        jax.eval_shape(model.init_params, rng), base["initial_checkpoint"],
-        fresh_patterns=(r".*/lora_[ab]_[^/]*",))
+        jax.eval_shape(model.init_params, rng),
+        base["initial_checkpoint"],
+        fresh_patterns=(r".*/lora_[ab]_[^/]*",),
+    )
   else:
     params = jax.tree.map(np.asarray, model.init_params(rng))
   flat = traverse_util.flatten_dict(params, sep="/")
   for name, value in traverse_util.flatten_dict(trained, sep="/").items():
     if name not in flat or flat[name].shape != value.shape:
-      raise ValueError(f"Checkpoint {path} holds {name} {value.shape}, which "
-                       "the model does not have with that shape; check the "
-                       "model gin against the training run's config.gin.")
+      raise ValueError(
+          f"Checkpoint {path} holds {name} {value.shape}, which "
+          "the model does not have with that shape; check the "
+          "model gin against the training run's config.gin."
+      )
     flat[name] = value
   missing = [n for n, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
   if missing:
-    raise ValueError(f"Checkpoint {path} lacks trained params {missing[:5]}; "
-                     "it does not belong to this model config.")
+    raise ValueError(
+        f"Checkpoint {path} lacks trained params {missing[:5]}; "
+        "it does not belong to this model config."
+    )
   return model, traverse_util.unflatten_dict(flat, sep="/"), meta

@@ -79,15 +79,24 @@ def _gather_flat(tree: PyTree, flat_index: Array) -> PyTree:
 
 def _sort_best_first(sequences: Array, scores: Array):
   order = jnp.argsort(-scores, axis=1)
-  return (jnp.take_along_axis(sequences, order[..., None], axis=1),
-          jnp.take_along_axis(scores, order, axis=1))
+  return (
+      jnp.take_along_axis(sequences, order[..., None], axis=1),
+      jnp.take_along_axis(scores, order, axis=1),
+  )
 
 
-def temperature_sample(tokens_to_logits: TokensToLogits, cache: PyTree, *,
-                       batch_size: int, max_decode_len: int,
-                       rng: Optional[Array] = None, temperature: float = 1.0,
-                       topk: int = 0, num_decodes: int = 1,
-                       eos_id: int = EOS_ID) -> tuple[Array, Array]:
+def temperature_sample(
+    tokens_to_logits: TokensToLogits,
+    cache: PyTree,
+    *,
+    batch_size: int,
+    max_decode_len: int,
+    rng: Optional[Array] = None,
+    temperature: float = 1.0,
+    topk: int = 0,
+    num_decodes: int = 1,
+    eos_id: int = EOS_ID,
+) -> tuple[Array, Array]:
   """Samples `num_decodes` continuations per example (temperature 0: greedy).
 
   Args:
@@ -134,28 +143,45 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: PyTree, *,
       rng, step_rng = jax.random.split(rng)
       token = jax.random.categorical(step_rng, scaled, axis=-1)
     token = jnp.where(ended, PAD_ID, token).astype(jnp.int32)  # [B*]
-    token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits),
-                                   token[:, None], axis=-1)[:, 0]
+    token_lp = jnp.take_along_axis(
+        jax.nn.log_softmax(logits), token[:, None], axis=-1
+    )[:, 0]
     log_prob = log_prob + jnp.where(ended, 0.0, token_lp)
-    seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, None], i + 1,
-                                               axis=1)
+    seqs = jax.lax.dynamic_update_slice_in_dim(
+        seqs, token[:, None], i + 1, axis=1
+    )
     return i + 1, seqs, cache, ended | (token == eos_id), log_prob, rng
 
-  init = (jnp.array(0, jnp.int32),
-          jnp.full((flat, max_decode_len + 1), BOS_ID, jnp.int32), cache,
-          jnp.zeros((flat,), bool), jnp.zeros((flat,), jnp.float32), rng)
+  init = (
+      jnp.array(0, jnp.int32),
+      jnp.full((flat, max_decode_len + 1), BOS_ID, jnp.int32),
+      cache,
+      jnp.zeros((flat,), bool),
+      jnp.zeros((flat,), jnp.float32),
+      rng,
+  )
   _, seqs, _, _, log_prob, _ = jax.lax.while_loop(cond, body, init)
   seqs = seqs[:, 1:].reshape(batch_size, num_decodes, max_decode_len)
   return _sort_best_first(seqs, log_prob.reshape(batch_size, num_decodes))
 
 
-def greedy(tokens_to_logits: TokensToLogits, cache: PyTree, *,
-           batch_size: int, max_decode_len: int,
-           eos_id: int = EOS_ID) -> tuple[Array, Array]:
+def greedy(
+    tokens_to_logits: TokensToLogits,
+    cache: PyTree,
+    *,
+    batch_size: int,
+    max_decode_len: int,
+    eos_id: int = EOS_ID,
+) -> tuple[Array, Array]:
   """Argmax decoding: `temperature_sample` with temperature 0, [B, 1, L]."""
-  return temperature_sample(tokens_to_logits, cache, batch_size=batch_size,
-                            max_decode_len=max_decode_len, temperature=0.0,
-                            eos_id=eos_id)
+  return temperature_sample(
+      tokens_to_logits,
+      cache,
+      batch_size=batch_size,
+      max_decode_len=max_decode_len,
+      temperature=0.0,
+      eos_id=eos_id,
+  )
 
 
 def brevity_penalty(alpha: float, length: Array) -> Array:
@@ -165,19 +191,25 @@ def brevity_penalty(alpha: float, length: Array) -> Array:
 
 @flax.struct.dataclass
 class _BeamState:
-  cur_index: Array       # int32 scalar
-  live_seqs: Array       # [B, K, L + 1]
-  live_logprobs: Array   # [B, K], best first
-  finished_seqs: Array   # [B, K, L + 1]
+  cur_index: Array  # int32 scalar
+  live_seqs: Array  # [B, K, L + 1]
+  live_logprobs: Array  # [B, K], best first
+  finished_seqs: Array  # [B, K, L + 1]
   finished_scores: Array  # [B, K], length-normalised, best first
   finished_flags: Array  # [B, K]
-  cache: PyTree          # flat [B * K, ...]
+  cache: PyTree  # flat [B * K, ...]
 
 
-def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, *,
-                batch_size: int, max_decode_len: int, beam_size: int = 4,
-                alpha: float = 0.6, eos_id: int = EOS_ID
-                ) -> tuple[Array, Array]:
+def beam_search(
+    tokens_to_logits: TokensToLogits,
+    cache: PyTree,
+    *,
+    batch_size: int,
+    max_decode_len: int,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    eos_id: int = EOS_ID,
+) -> tuple[Array, Array]:
   """Beam search with T5X's length penalty.
 
   A sequence that ends with EOS after n tokens scores
@@ -205,51 +237,63 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, *,
   def cond(s: _BeamState):
     best_live = s.live_logprobs[:, 0] / brevity_penalty(alpha, length)
     done = jnp.all(s.finished_flags, axis=1) & (
-        jnp.min(s.finished_scores, axis=1) > best_live)
+        jnp.min(s.finished_scores, axis=1) > best_live
+    )
     return (s.cur_index < length) & ~jnp.all(done)
 
   def body(s: _BeamState):
     i = s.cur_index
     flat_seqs = s.live_seqs.reshape(batch_size * k, length + 1)
     cur = jax.lax.dynamic_slice_in_dim(flat_seqs, i, 1, axis=1)
-    logits, cache = tokens_to_logits(DecodingState(i, flat_seqs, cur,
-                                                   s.cache))
+    logits, cache = tokens_to_logits(DecodingState(i, flat_seqs, cur, s.cache))
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     log_probs = log_probs.reshape(batch_size, k, vocab) + (
-        s.live_logprobs[..., None])
+        s.live_logprobs[..., None]
+    )
     # 2K candidates: enough that K stay live even if K of them end here.
     top_lp, top_index = jax.lax.top_k(log_probs.reshape(batch_size, -1), 2 * k)
     parent, token = top_index // vocab, top_index % vocab  # [B, 2K]
     seqs = jnp.take_along_axis(s.live_seqs, parent[..., None], axis=1)
     seqs = jax.lax.dynamic_update_slice_in_dim(
-        seqs, token[..., None].astype(jnp.int32), i + 1, axis=2)
+        seqs, token[..., None].astype(jnp.int32), i + 1, axis=2
+    )
     ended = (token == eos_id) & (top_lp > NEG_INF / 2)
 
     live_lp, keep = jax.lax.top_k(jnp.where(ended, NEG_INF, top_lp), k)
     live_seqs = jnp.take_along_axis(seqs, keep[..., None], axis=1)
     keep_parent = jnp.take_along_axis(parent, keep, axis=1)  # [B, K]
-    flat_parent = (jnp.arange(batch_size)[:, None] * k + keep_parent)
+    flat_parent = jnp.arange(batch_size)[:, None] * k + keep_parent
     cache = _gather_flat(cache, flat_parent.reshape(-1))
 
     scores = jnp.where(ended, top_lp / brevity_penalty(alpha, i + 1), NEG_INF)
     all_scores = jnp.concatenate([s.finished_scores, scores], axis=1)
     fin_scores, pick = jax.lax.top_k(all_scores, k)
     fin_seqs = jnp.take_along_axis(
-        jnp.concatenate([s.finished_seqs, seqs], axis=1), pick[..., None],
-        axis=1)
+        jnp.concatenate([s.finished_seqs, seqs], axis=1),
+        pick[..., None],
+        axis=1,
+    )
     fin_flags = jnp.take_along_axis(
-        jnp.concatenate([s.finished_flags, ended], axis=1), pick, axis=1)
-    return _BeamState(i + 1, live_seqs, live_lp, fin_seqs, fin_scores,
-                      fin_flags, cache)
+        jnp.concatenate([s.finished_flags, ended], axis=1), pick, axis=1
+    )
+    return _BeamState(
+        i + 1, live_seqs, live_lp, fin_seqs, fin_scores, fin_flags, cache
+    )
 
-  live_lp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32),
-                     (batch_size, 1))
+  live_lp = jnp.tile(
+      jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch_size, 1)
+  )
   zeros = jnp.full((batch_size, k, length + 1), BOS_ID, jnp.int32)
   state = _BeamState(
-      jnp.array(0, jnp.int32), zeros, live_lp, zeros,
+      jnp.array(0, jnp.int32),
+      zeros,
+      live_lp,
+      zeros,
       jnp.full((batch_size, k), NEG_INF, jnp.float32),
-      jnp.zeros((batch_size, k), bool), _expand_cache(cache, k))
+      jnp.zeros((batch_size, k), bool),
+      _expand_cache(cache, k),
+  )
   s = jax.lax.while_loop(cond, body, state)
 
   # Beams still live at the end were cut at max_decode_len: they compete,
@@ -257,19 +301,26 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, *,
   # (as HF does; T5X would return NEG_INF placeholders there).
   fin_scores = jnp.where(s.finished_flags, s.finished_scores, NEG_INF)
   all_scores = jnp.concatenate(
-      [fin_scores, s.live_logprobs / brevity_penalty(alpha, length)], axis=1)
+      [fin_scores, s.live_logprobs / brevity_penalty(alpha, length)], axis=1
+  )
   scores, pick = jax.lax.top_k(all_scores, k)
   seqs = jnp.take_along_axis(
       jnp.concatenate([s.finished_seqs, s.live_seqs], axis=1),
-      pick[..., None], axis=1)
+      pick[..., None],
+      axis=1,
+  )
   return seqs[:, :, 1:], scores
 
 
 # ---- The network's side ----
 
 
-def init_cache(model: network.Transformer, config: network.T5Config,
-               batch_size: int, max_decode_len: int) -> PyTree:
+def init_cache(
+    model: network.Transformer,
+    config: network.T5Config,
+    batch_size: int,
+    max_decode_len: int,
+) -> PyTree:
   """Zero decoder cache ('cache' collection) for batch x max_decode_len.
 
   Shapes come from `jax.eval_shape` of `model.init(..., decode=True)` on
@@ -278,26 +329,39 @@ def init_cache(model: network.Transformer, config: network.T5Config,
   tokens = jnp.ones((batch_size, max_decode_len), jnp.int32)
   ids = None
   if config.feature_space is not None:
-    ids = jnp.zeros((batch_size, 1, config.feature_space.num_groups),
-                    jnp.int32)
+    ids = jnp.zeros((batch_size, 1, config.feature_space.num_groups), jnp.int32)
 
   def init(rng):
     enc = tokens[:, :1]
-    dec_ids = None if ids is None else jnp.broadcast_to(
-        ids, (batch_size, max_decode_len, ids.shape[-1]))
-    return model.init(rng, enc, tokens, tokens, encoder_feature_ids=ids,
-                      decoder_feature_ids=dec_ids, enable_dropout=False,
-                      decode=True)
+    dec_ids = (
+        None
+        if ids is None
+        else jnp.broadcast_to(ids, (batch_size, max_decode_len, ids.shape[-1]))
+    )
+    return model.init(
+        rng,
+        enc,
+        tokens,
+        tokens,
+        encoder_feature_ids=ids,
+        decoder_feature_ids=dec_ids,
+        enable_dropout=False,
+        decode=True,
+    )
 
   shapes = jax.eval_shape(init, jax.random.PRNGKey(0))["cache"]
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def model_tokens_to_logits(
-    model: network.Transformer, params: PyTree, encoded: Array,
-    encoder_input_tokens: Array, max_decode_len: int,
+    model: network.Transformer,
+    params: PyTree,
+    encoded: Array,
+    encoder_input_tokens: Array,
+    max_decode_len: int,
     encoder_feature_ids: Optional[Array] = None,
-    decoder_feature_ids: Optional[Array] = None) -> TokensToLogits:
+    decoder_feature_ids: Optional[Array] = None,
+) -> TokensToLogits:
   """The step callback of `network.Transformer` over its decode cache.
 
   All arrays must already be in the flat batch B* (`flat_batch_beam_expand`
@@ -321,15 +385,25 @@ def model_tokens_to_logits(
     dec_ids = decoder_feature_ids
     if dec_ids is not None:
       dec_ids = jnp.asarray(dec_ids)
-      dec_ids = (dec_ids[:, None] if dec_ids.ndim == 2 else
-                 jax.lax.dynamic_slice_in_dim(dec_ids, state.cur_index, 1,
-                                              axis=1))  # [B*, 1, G]
+      dec_ids = (
+          dec_ids[:, None]
+          if dec_ids.ndim == 2
+          else jax.lax.dynamic_slice_in_dim(dec_ids, state.cur_index, 1, axis=1)
+      )  # [B*, 1, G]
     logits, variables = model.apply(
-        {"params": params, "cache": state.cache}, encoded,
-        encoder_input_tokens, state.cur_token, state.cur_token,
-        encoder_feature_ids=encoder_feature_ids, decoder_feature_ids=dec_ids,
-        enable_dropout=False, decode=True, max_decode_length=max_decode_len,
-        method=network.Transformer.decode, mutable=["cache"])
+        {"params": params, "cache": state.cache},
+        encoded,
+        encoder_input_tokens,
+        state.cur_token,
+        state.cur_token,
+        encoder_feature_ids=encoder_feature_ids,
+        decoder_feature_ids=dec_ids,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_decode_len,
+        method=network.Transformer.decode,
+        mutable=["cache"],
+    )
     return logits[:, 0, :], variables["cache"]
 
   return tokens_to_logits

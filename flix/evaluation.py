@@ -31,39 +31,57 @@ PyTree = Any
 def _decode_text(vocabulary, tokens: np.ndarray) -> str:
   tokens = [int(t) for t in tokens]
   if 1 in tokens:  # EOS
-    tokens = tokens[:tokens.index(1)]
+    tokens = tokens[: tokens.index(1)]
   return vocabulary.decode([t for t in tokens if t > 1])
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_predict(model: models.FlixModel, target_length: int,
-                    decode_items: tuple[tuple[str, Any], ...]):
+def _jitted_predict(
+    model: models.FlixModel,
+    target_length: int,
+    decode_items: tuple[tuple[str, Any], ...],
+):
   """One compiled predict function per (model, length, decoding settings)."""
-  return jax.jit(functools.partial(
-      model.predict_batch, max_decode_length=target_length,
-      **dict(decode_items)))
+  return jax.jit(
+      functools.partial(
+          model.predict_batch,
+          max_decode_length=target_length,
+          **dict(decode_items),
+      )
+  )
 
 
-def predict_examples(model: models.FlixModel, params: PyTree,
-                     examples: Sequence[Mapping[str, Any]], vocabulary,
-                     input_length: int, target_length: int,
-                     batch_size: int = 32,
-                     decode_kwargs: Optional[Mapping[str, Any]] = None
-                     ) -> list[str]:
+def predict_examples(
+    model: models.FlixModel,
+    params: PyTree,
+    examples: Sequence[Mapping[str, Any]],
+    vocabulary,
+    input_length: int,
+    target_length: int,
+    batch_size: int = 32,
+    decode_kwargs: Optional[Mapping[str, Any]] = None,
+) -> list[str]:
   """Decodes a prediction string for each tokenized example (in order)."""
-  predict = _jitted_predict(model, target_length,
-                            tuple(sorted((decode_kwargs or {}).items())))
+  predict = _jitted_predict(
+      model, target_length, tuple(sorted((decode_kwargs or {}).items()))
+  )
   predictions = []
   for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
+    chunk = examples[start : start + batch_size]
     batch = input_pipeline.examples_to_batch(
-        [ex["inputs"] for ex in chunk], [[] for _ in chunk],
+        [ex["inputs"] for ex in chunk],
+        [[] for _ in chunk],
         [input_pipeline.example_features(ex) for ex in chunk],
-        model.feature_space, input_length, target_length, batch_size)
+        model.feature_space,
+        input_length,
+        target_length,
+        batch_size,
+    )
     tokens, _ = predict(params, batch)
     tokens = np.asarray(tokens)[:, 0]
-    predictions.extend(_decode_text(vocabulary, row)
-                       for row in tokens[:len(chunk)])
+    predictions.extend(
+        _decode_text(vocabulary, row) for row in tokens[: len(chunk)]
+    )
   return predictions
 
 
@@ -72,14 +90,17 @@ def text_of(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def evaluate_tasks(model: models.FlixModel, params: PyTree,
-                   task_names: Sequence[str], split: str,
-                   task_feature_lengths: Mapping[str, int],
-                   seen: Optional[set[tuple[str, ...]]] = None,
-                   batch_size: int = 32,
-                   max_examples_per_task: Optional[int] = None,
-                   decode_kwargs: Optional[Mapping[str, Any]] = None
-                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def evaluate_tasks(
+    model: models.FlixModel,
+    params: PyTree,
+    task_names: Sequence[str],
+    split: str,
+    task_feature_lengths: Mapping[str, int],
+    seen: Optional[set[tuple[str, ...]]] = None,
+    batch_size: int = 32,
+    max_examples_per_task: Optional[int] = None,
+    decode_kwargs: Optional[Mapping[str, Any]] = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """Decodes every task's split and computes its metrics per feature set.
 
   Returns:
@@ -87,42 +108,65 @@ def evaluate_tasks(model: models.FlixModel, params: PyTree,
   """
   import seqio  # pylint: disable=g-import-not-at-top
   from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+
   rows, records = [], []
   for task_name in task_names:
     task = seqio.get_mixture_or_task(task_name)
     examples = input_pipeline.task_examples(
-        task_name, split, task_feature_lengths, max_examples_per_task)
+        task_name, split, task_feature_lengths, max_examples_per_task
+    )
     if not examples:
       logging.warning("Task %s has no %s examples; skipped.", task_name, split)
       continue
     vocabulary = task.output_features["targets"].vocabulary
     predictions = predict_examples(
-        model, params, examples, vocabulary, task_feature_lengths["inputs"],
-        task_feature_lengths["targets"], batch_size, decode_kwargs)
+        model,
+        params,
+        examples,
+        vocabulary,
+        task_feature_lengths["inputs"],
+        task_feature_lengths["targets"],
+        batch_size,
+        decode_kwargs,
+    )
     by_features = collections.defaultdict(lambda: ([], []))
     for example, prediction in zip(examples, predictions):
       features = input_pipeline.example_features(example)
       target = text_of(example["targets_pretokenized"])
       if task.postprocess_fn is not None:
         target = task.postprocess_fn(target, example=example, is_target=True)
-        prediction = task.postprocess_fn(prediction, example=example,
-                                         is_target=False)
+        prediction = task.postprocess_fn(
+            prediction, example=example, is_target=False
+        )
       key = tuple(sorted(features.items()))
       by_features[key][0].append(target)
       by_features[key][1].append(prediction)
-      records.append({"task": task_name,
-                      "inputs": text_of(example["inputs_pretokenized"]),
-                      "target": target, "prediction": prediction,
-                      "features": features})
+      records.append(
+          {
+              "task": task_name,
+              "inputs": text_of(example["inputs_pretokenized"]),
+              "target": target,
+              "prediction": prediction,
+              "features": features,
+          }
+      )
     for key, (targets, preds) in by_features.items():
       features = dict(key)
-      seen_flag = (featurized.is_seen(features, seen) if seen is not None
-                   else None)
+      seen_flag = (
+          featurized.is_seen(features, seen) if seen is not None else None
+      )
       for metric_fn in task.predict_metric_fns:
         for metric, value in metric_fn(targets, preds).items():
-          rows.append({"features": features, "metric": metric,
-                       "value": float(value), "examples": len(targets),
-                       "seen_in_training": seen_flag, "task_name": task_name})
+          rows.append(
+              {
+                  "features": features,
+                  "metric": metric,
+                  "value": float(value),
+                  "examples": len(targets),
+                  "seen_in_training": seen_flag,
+                  "task_name": task_name,
+              }
+          )
   return rows, records
 
 
@@ -132,20 +176,29 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   for row in sorted(rows, key=lambda r: (str(r["features"]), r["metric"])):
     features = ",".join(f"{k}={v}" for k, v in sorted(row["features"].items()))
     seen = {True: "yes", False: "ZERO-SHOT", None: "-"}[row["seen_in_training"]]
-    lines.append(f"{features:<34} {row['metric']:<18} {row['value']:8.2f} "
-                 f"{row['examples']:5d}  {seen}")
+    lines.append(
+        f"{features:<34} {row['metric']:<18} {row['value']:8.2f} "
+        f"{row['examples']:5d}  {seen}"
+    )
   return "\n".join(lines)
 
 
-def plot_heatmap(rows: Sequence[Mapping[str, Any]], metric: str,
-                 path: str, title: str = "") -> Optional[str]:
+def plot_heatmap(
+    rows: Sequence[Mapping[str, Any]], metric: str, path: str, title: str = ""
+) -> Optional[str]:
   """Task x language heatmap of `metric`; zero-shot cells are hatched."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  cells = {(r["features"].get("task"), r["features"].get("language")): r
-           for r in rows if r["metric"] == metric
-           and "task" in r["features"] and "language" in r["features"]}
+
+  cells = {
+      (r["features"].get("task"), r["features"].get("language")): r
+      for r in rows
+      if r["metric"] == metric
+      and "task" in r["features"]
+      and "language" in r["features"]
+  }
   if not cells:
     return None
   tasks = sorted({t for t, _ in cells})
@@ -153,20 +206,36 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], metric: str,
   grid = np.full((len(tasks), len(languages)), np.nan)
   for (t, l), row in cells.items():
     grid[tasks.index(t), languages.index(l)] = row["value"]
-  fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(languages),
-                                  1.2 + 0.5 * len(tasks)))
-  image = ax.imshow(grid, cmap="viridis", vmin=0,
-                    vmax=max(100.0, float(np.nanmax(grid))))
+  fig, ax = plt.subplots(
+      figsize=(1.0 + 0.7 * len(languages), 1.2 + 0.5 * len(tasks))
+  )
+  image = ax.imshow(
+      grid, cmap="viridis", vmin=0, vmax=max(100.0, float(np.nanmax(grid)))
+  )
   for (t, l), row in cells.items():
     i, j = tasks.index(t), languages.index(l)
     zero_shot = row["seen_in_training"] is False
-    ax.text(j, i, f"{row['value']:.0f}" + ("*" if zero_shot else ""),
-            ha="center", va="center", fontsize=8,
-            color="white" if row["value"] < 50 else "black")
+    ax.text(
+        j,
+        i,
+        f"{row['value']:.0f}" + ("*" if zero_shot else ""),
+        ha="center",
+        va="center",
+        fontsize=8,
+        color="white" if row["value"] < 50 else "black",
+    )
     if zero_shot:
-      ax.add_patch(matplotlib.patches.Rectangle(
-          (j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="red",
-          linewidth=1.5))
+      ax.add_patch(
+          matplotlib.patches.Rectangle(
+              (j - 0.5, i - 0.5),
+              1,
+              1,
+              fill=False,
+              hatch="//",
+              edgecolor="red",
+              linewidth=1.5,
+          )
+      )
   ax.set_xticks(range(len(languages)), languages)
   ax.set_yticks(range(len(tasks)), tasks)
   ax.set_title(title or f"{metric} (* and hatched: zero-shot)", fontsize=9)
@@ -177,12 +246,18 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], metric: str,
   return path
 
 
-def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str,
-                  name: str, heatmap_metric: Optional[str] = None) -> dict:
+def write_results(
+    rows: Sequence[Mapping[str, Any]],
+    output_dir: str,
+    name: str,
+    heatmap_metric: Optional[str] = None,
+) -> dict:
   """Writes the JSON rows, the readable table and the heatmap."""
   os.makedirs(output_dir, exist_ok=True)
-  paths = {"json": os.path.join(output_dir, f"{name}.json"),
-           "table": os.path.join(output_dir, f"{name}.txt")}
+  paths = {
+      "json": os.path.join(output_dir, f"{name}.json"),
+      "table": os.path.join(output_dir, f"{name}.txt"),
+  }
   with open(paths["json"], "w", encoding="utf-8") as f:
     json.dump(list(rows), f, indent=1, ensure_ascii=False)
   table = format_table(rows)
@@ -203,35 +278,43 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   groups = collections.defaultdict(list)
   for row in rows:
     split = {True: "supervised", False: "zero_shot", None: "all"}[
-        row["seen_in_training"]]
+        row["seen_in_training"]
+    ]
     groups[f"{row['metric']}/{split}"].append(row["value"])
   return {name: float(np.mean(values)) for name, values in groups.items()}
 
 
-def write_summaries(summary: Mapping[str, float], output_dir: str,
-                    step: int) -> None:
+def write_summaries(
+    summary: Mapping[str, float], output_dir: str, step: int
+) -> None:
   """Writes the summary scalars for TensorBoard (CLU metric writers)."""
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
   writer = metric_writers.create_default_writer(
-      output_dir, just_logging=jax.process_index() > 0)
+      output_dir, just_logging=jax.process_index() > 0
+  )
   writer.write_scalars(step, dict(summary))
   writer.flush()
   writer.close()
 
 
-def evaluate(*, run=None, step: Optional[int] = None,
-             model_dir: Optional[str] = None,
-             model: Optional[models.FlixModel] = None,
-             params: Optional[PyTree] = None,
-             mixture_or_task_name: str,
-             task_feature_lengths: Mapping[str, int],
-             split: str = "validation",
-             training_mixture: Optional[str] = None,
-             output_dir: Optional[str] = None,
-             batch_size: int = 32,
-             max_examples_per_task: Optional[int] = None,
-             decode_kwargs: Optional[Mapping[str, Any]] = None,
-             heatmap_metric: Optional[str] = "exact_match") -> dict:
+def evaluate(
+    *,
+    run=None,
+    step: Optional[int] = None,
+    model_dir: Optional[str] = None,
+    model: Optional[models.FlixModel] = None,
+    params: Optional[PyTree] = None,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    split: str = "validation",
+    training_mixture: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    batch_size: int = 32,
+    max_examples_per_task: Optional[int] = None,
+    decode_kwargs: Optional[Mapping[str, Any]] = None,
+    heatmap_metric: Optional[str] = "exact_match",
+) -> dict:
   """Evaluates a model (or a training run) on a mixture's tasks.
 
   Called by the trainer with `run`, `step`, `model_dir`, or standalone by
@@ -239,26 +322,48 @@ def evaluate(*, run=None, step: Optional[int] = None,
   """
   import seqio  # pylint: disable=g-import-not-at-top
   from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+
   if run is not None:
     model, params = run.model, run.params
   output_dir = output_dir or os.path.join(model_dir, "eval")
   mixture = seqio.get_mixture_or_task(mixture_or_task_name)
-  task_names = ([t.name for t in mixture.tasks]
-                if isinstance(mixture, seqio.Mixture) else [mixture.name])
+  task_names = (
+      [t.name for t in mixture.tasks]
+      if isinstance(mixture, seqio.Mixture)
+      else [mixture.name]
+  )
   seen = featurized.seen_pairs(training_mixture) if training_mixture else None
-  rows, records = evaluate_tasks(model, params, task_names, split,
-                                 task_feature_lengths, seen, batch_size,
-                                 max_examples_per_task, decode_kwargs)
+  rows, records = evaluate_tasks(
+      model,
+      params,
+      task_names,
+      split,
+      task_feature_lengths,
+      seen,
+      batch_size,
+      max_examples_per_task,
+      decode_kwargs,
+  )
   name = f"results-{split}" + (f"-{step}" if step is not None else "")
   paths = write_results(rows, output_dir, name, heatmap_metric)
   summary = summarize(rows)
-  logging.info("Eval summary (%s): %s", name, ", ".join(
-      f"{k} {v:.2f}" for k, v in sorted(summary.items())))
+  logging.info(
+      "Eval summary (%s): %s",
+      name,
+      ", ".join(f"{k} {v:.2f}" for k, v in sorted(summary.items())),
+  )
   if step is not None:
     write_summaries(summary, output_dir, step)
-  with open(os.path.join(output_dir, f"predictions-{split}"
-                         + (f"-{step}" if step is not None else "")
-                         + ".jsonl"), "w", encoding="utf-8") as f:
+  with open(
+      os.path.join(
+          output_dir,
+          f"predictions-{split}"
+          + (f"-{step}" if step is not None else "")
+          + ".jsonl",
+      ),
+      "w",
+      encoding="utf-8",
+  ) as f:
     for record in records:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
   return {"rows": rows, "paths": paths, "summary": summary}

@@ -85,11 +85,14 @@ def parse_features(text: str) -> dict[str, str]:
   for item in filter(None, (part.strip() for part in text.split(","))):
     group, sep, value = item.partition("=")
     if not sep or not group.strip() or not value.strip():
-      raise ValueError(f"Bad feature {item!r} in {text!r}: expected "
-                       "group=value pairs, e.g. task=ordinal,language=fr.")
+      raise ValueError(
+          f"Bad feature {item!r} in {text!r}: expected "
+          "group=value pairs, e.g. task=ordinal,language=fr."
+      )
     if group.strip() in out:
-      raise ValueError(f"Feature group {group.strip()!r} given twice in "
-                       f"{text!r}.")
+      raise ValueError(
+          f"Feature group {group.strip()!r} given twice in " f"{text!r}."
+      )
     out[group.strip()] = value.strip()
   return out
 
@@ -116,7 +119,8 @@ def resolve_features(
   if unknown:
     raise ValueError(
         f"Unknown feature group {unknown[0]!r}; the model's groups are: "
-        f"{', '.join(feature_space.group_names)}.")
+        f"{', '.join(feature_space.group_names)}."
+    )
   pairs = []
   for group in feature_space.groups:
     value = features.get(group.name)
@@ -127,7 +131,8 @@ def resolve_features(
     if value not in group.values:
       raise ValueError(
           f"Unknown {group.name} value {value!r}: the model has no adapter "
-          f"for it. Known {group.name} values: {', '.join(group.values)}.")
+          f"for it. Known {group.name} values: {', '.join(group.values)}."
+      )
     pairs.append((group, value))
   return pairs
 
@@ -135,9 +140,10 @@ def resolve_features(
 # ---- Adapter arithmetic ----
 
 
-def _adapted_layers(flat: Mapping[tuple[str, ...], Any],
-                    feature_space: features_lib.FeatureSpace
-                    ) -> dict[tuple[str, ...], set[str]]:
+def _adapted_layers(
+    flat: Mapping[tuple[str, ...], Any],
+    feature_space: features_lib.FeatureSpace,
+) -> dict[tuple[str, ...], set[str]]:
   """Layer path -> names of the groups with adapters there."""
   layers = collections.defaultdict(set)
   for path in flat:
@@ -148,30 +154,44 @@ def _adapted_layers(flat: Mapping[tuple[str, ...], Any],
         raise ValueError(
             f"{'/'.join(path)} is an adapter of group {group!r}, which the "
             f"feature space (groups {feature_space.group_names}) does not "
-            "have: params and feature space are from different models.")
+            "have: params and feature space are from different models."
+        )
       layers[path[:-1]].add(group)
   return dict(layers)
 
 
-def _feature_factors(flat, layer: tuple[str, ...], group, value: str,
-                     feature_space: features_lib.FeatureSpace):
+def _feature_factors(
+    flat,
+    layer: tuple[str, ...],
+    group,
+    value: str,
+    feature_space: features_lib.FeatureSpace,
+):
   """(s * A[:, :r] [D, r], B[:r] [r, O]) of one feature in one layer, f32."""
   index, rank = group.index(value), group.rank_of(value)
   scale = feature_space.scale(group, rank)
   a = np.asarray(flat[layer + (f"lora_a_{group.name}",)], np.float32)
   b = np.asarray(flat[layer + (f"lora_b_{group.name}",)], np.float32)
   expected = (group.num_values, group.max_rank)
-  if (a.ndim != 3 or b.ndim != 3 or (a.shape[0], a.shape[2]) != expected or
-      b.shape[:2] != expected):
+  if (
+      a.ndim != 3
+      or b.ndim != 3
+      or (a.shape[0], a.shape[2]) != expected
+      or b.shape[:2] != expected
+  ):
     raise ValueError(
         f"{'/'.join(layer)}: adapters of group {group.name!r} have shapes "
         f"{a.shape} / {b.shape}; the feature space expects [V, D, R] / "
-        f"[V, R, O] with (V, R) = {expected}.")
+        f"[V, R, O] with (V, R) = {expected}."
+    )
   return np.float32(scale) * a[index, :, :rank], b[index, :rank, :]
 
 
-def _layer_factors(params: PyTree, feature_space: features_lib.FeatureSpace,
-                   features: Mapping[str, Optional[str]]):
+def _layer_factors(
+    params: PyTree,
+    feature_space: features_lib.FeatureSpace,
+    features: Mapping[str, Optional[str]],
+):
   """Flat params and, per adapted layer, the set's (s A, B) factor pairs."""
   pairs = resolve_features(feature_space, features)
   flat = traverse_util.flatten_dict(params)
@@ -181,19 +201,28 @@ def _layer_factors(params: PyTree, feature_space: features_lib.FeatureSpace,
       raise ValueError(f"{'/'.join(layer)} has adapters but no kernel.")
     factors[layer] = [
         _feature_factors(flat, layer, group, value, feature_space)
-        for group, value in pairs if group.name in groups]
+        for group, value in pairs
+        if group.name in groups
+    ]
   return flat, factors
 
 
 def base_params(params: PyTree) -> Params:
   """The params without adapter leaves (the frozen base model)."""
-  return traverse_util.unflatten_dict({path: np.asarray(value)
-                     for path, value in traverse_util.flatten_dict(params).items()
-                     if not _ADAPTER_LEAF_RE.match(path[-1])})
+  return traverse_util.unflatten_dict(
+      {
+          path: np.asarray(value)
+          for path, value in traverse_util.flatten_dict(params).items()
+          if not _ADAPTER_LEAF_RE.match(path[-1])
+      }
+  )
 
 
-def merge_features(params: PyTree, feature_space: features_lib.FeatureSpace,
-                   features: Mapping[str, Optional[str]]) -> Params:
+def merge_features(
+    params: PyTree,
+    feature_space: features_lib.FeatureSpace,
+    features: Mapping[str, Optional[str]],
+) -> Params:
   """Folds a feature set's adapters into the kernels: a plain base model.
 
   W' = W0 + sum_{(g, v)} s_{g,v} A[g, v][:, :r_v] @ B[g, v][:r_v], computed in
@@ -243,17 +272,22 @@ def hf_module_path(layer: Sequence[str]) -> str:
   if sublayer is None:
     raise ValueError(f"No HF MT5 module for the T5X layer {'/'.join(layer)}.")
   index, module = sublayer
-  name = layer[3] if module == "DenseReluDense" else (
-      _T5X_TO_HF_ATTENTION.get(layer[3]))
+  name = (
+      layer[3]
+      if module == "DenseReluDense"
+      else (_T5X_TO_HF_ATTENTION.get(layer[3]))
+  )
   if name is None:
     raise ValueError(f"No HF MT5 module for the T5X layer {'/'.join(layer)}.")
   return f"{layer[0]}.block.{match.group(1)}.layer.{index}.{module}.{name}"
 
 
-def peft_adapter(params: PyTree, feature_space: features_lib.FeatureSpace,
-                 features: Mapping[str, Optional[str]],
-                 base_model_name_or_path: str = ""
-                 ) -> tuple[StateDict, dict[str, Any]]:
+def peft_adapter(
+    params: PyTree,
+    feature_space: features_lib.FeatureSpace,
+    features: Mapping[str, Optional[str]],
+    base_model_name_or_path: str = "",
+) -> tuple[StateDict, dict[str, Any]]:
   """A feature set as one standard PEFT LoRA for HF MT5.
 
   Per adapted layer, A_cat = concat_rank(s_{g,v} A[g, v][:, :r_v]) and
@@ -289,8 +323,10 @@ def peft_adapter(params: PyTree, feature_space: features_lib.FeatureSpace,
     state_dict[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_cat.T)
     ranks[module] = a_cat.shape[1]
   if not ranks:
-    raise ValueError(f"The feature set {dict(features)} selects no adapter: "
-                     "there is nothing to export as a LoRA.")
+    raise ValueError(
+        f"The feature set {dict(features)} selects no adapter: "
+        "there is nothing to export as a LoRA."
+    )
   rank = collections.Counter(ranks.values()).most_common(1)[0][0]
   # PEFT matches pattern keys as regexes against the end of module names.
   pattern = {re.escape(m): r for m, r in sorted(ranks.items()) if r != rank}
@@ -332,10 +368,13 @@ def _target_modules(params: PyTree, modules: Sequence[str]) -> list[str]:
   return names if picked == set(modules) else sorted(modules)
 
 
-def write_peft_adapter(directory: str, params: PyTree,
-                       feature_space: features_lib.FeatureSpace,
-                       features: Mapping[str, Optional[str]],
-                       base_model_name_or_path: str = "") -> dict[str, Any]:
+def write_peft_adapter(
+    directory: str,
+    params: PyTree,
+    feature_space: features_lib.FeatureSpace,
+    features: Mapping[str, Optional[str]],
+    base_model_name_or_path: str = "",
+) -> dict[str, Any]:
   """Writes `adapter_model.safetensors` + `adapter_config.json`.
 
   `peft.PeftModel.from_pretrained(hf_mt5, directory)` loads the result. The
@@ -344,14 +383,19 @@ def write_peft_adapter(directory: str, params: PyTree,
   Returns:
     The adapter config.
   """
-  state_dict, config = peft_adapter(params, feature_space, features,
-                                    base_model_name_or_path)
+  state_dict, config = peft_adapter(
+      params, feature_space, features, base_model_name_or_path
+  )
   os.makedirs(directory, exist_ok=True)
-  metadata = {"format": "pt", "flix_features": json.dumps(
-      {g.name: v for g, v in resolve_features(feature_space, features)})}
-  safetensors_np.save_file(state_dict,
-                           os.path.join(directory, PEFT_WEIGHTS_FILE),
-                           metadata=metadata)
+  metadata = {
+      "format": "pt",
+      "flix_features": json.dumps(
+          {g.name: v for g, v in resolve_features(feature_space, features)}
+      ),
+  }
+  safetensors_np.save_file(
+      state_dict, os.path.join(directory, PEFT_WEIGHTS_FILE), metadata=metadata
+  )
   with open(os.path.join(directory, PEFT_CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
     f.write("\n")
@@ -373,32 +417,42 @@ def hf_dims(config: network.T5Config) -> dict[str, Any]:
       "num_decoder_layers": config.num_decoder_layers,
       "mlp_activations": tuple(config.mlp_activations),
       "relative_attention_num_buckets": config.relative_attention_num_buckets,
-      "relative_attention_max_distance":
-          config.relative_attention_max_distance,
+      "relative_attention_max_distance": config.relative_attention_max_distance,
   }
 
 
-def write_hf_model(directory: str, params: PyTree,
-                   config: network.T5Config) -> None:
+def write_hf_model(
+    directory: str, params: PyTree, config: network.T5Config
+) -> None:
   """Writes adapter-free params as an HF MT5 `model.safetensors` + config."""
   hf_checkpoint.write_hf_checkpoint(
       hf_checkpoint.t5x_to_hf(params),
       hf_checkpoint.hf_config_from_t5_config(
-          hf_dims(config), dropout_rate=config.dropout_rate),
-      directory)
+          hf_dims(config), dropout_rate=config.dropout_rate
+      ),
+      directory,
+  )
 
 
 def _check_output(directory: str, overwrite: bool) -> None:
   if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
-    raise FileExistsError(f"Output directory {directory} is not empty; pass "
-                          "--overwrite to replace its files.")
+    raise FileExistsError(
+        f"Output directory {directory} is not empty; pass "
+        "--overwrite to replace its files."
+    )
 
 
-def export(*, model: models.FlixModel, checkpoint: str,
-           features: Mapping[str, str], output_format: str, output: str,
-           base_model_name_or_path: Optional[str] = None,
-           base_output: Optional[str] = None,
-           overwrite: bool = False) -> str:
+def export(
+    *,
+    model: models.FlixModel,
+    checkpoint: str,
+    features: Mapping[str, str],
+    output_format: str,
+    output: str,
+    base_model_name_or_path: Optional[str] = None,
+    base_output: Optional[str] = None,
+    overwrite: bool = False,
+) -> str:
   """Exports a flix checkpoint's feature set; returns the output directory.
 
   Args:
@@ -415,40 +469,54 @@ def export(*, model: models.FlixModel, checkpoint: str,
     overwrite: replace files in a non-empty `output`.
   """
   if output_format not in FORMATS:
-    raise ValueError(f"Unknown format {output_format!r}; use one of "
-                     f"{', '.join(FORMATS)}.")
+    raise ValueError(
+        f"Unknown format {output_format!r}; use one of "
+        f"{', '.join(FORMATS)}."
+    )
   _check_output(output, overwrite)
   if output_format == "peft" and base_output:
     _check_output(base_output, overwrite)
   # Check the feature set against the saved vocabulary before the (slow)
   # model load, so a typo fails at once.
-  with open(os.path.join(checkpoints.resolve_step_dir(checkpoint), "meta",
-                         "metadata"), encoding="utf-8") as f:
+  with open(
+      os.path.join(
+          checkpoints.resolve_step_dir(checkpoint), "meta", "metadata"
+      ),
+      encoding="utf-8",
+  ) as f:
     saved_space = json.load(f).get("feature_space")
   if saved_space is None and features:
-    raise ValueError(f"Checkpoint {checkpoint} has no FLix adapters, so "
-                     f"features {dict(features)} cannot be applied.")
+    raise ValueError(
+        f"Checkpoint {checkpoint} has no FLix adapters, so "
+        f"features {dict(features)} cannot be applied."
+    )
   space = features_lib.FeatureSpace.from_dict(saved_space or {"groups": []})
   resolve_features(space, features)
   model, params, meta = checkpoints.load_for_inference(model, checkpoint)
   if output_format == "peft":
     if base_output:
       write_hf_model(base_output, base_params(params), model.config)
-    base_model_name_or_path = base_model_name_or_path or base_output or (
-        meta.get("base", {}).get("initial_checkpoint") or "")
-    write_peft_adapter(output, params, space, features,
-                       base_model_name_or_path)
+    base_model_name_or_path = (
+        base_model_name_or_path
+        or base_output
+        or (meta.get("base", {}).get("initial_checkpoint") or "")
+    )
+    write_peft_adapter(output, params, space, features, base_model_name_or_path)
   else:
     merged = merge_features(params, space, features)
     if output_format == "hf":
       write_hf_model(output, merged, model.config)
     else:
       t5x_checkpoint.write_t5x_checkpoint(
-          merged, output, step=int(meta.get("step") or 0), overwrite=True)
-  info = {"checkpoint": os.path.abspath(checkpoint), "step": meta.get("step"),
-          "format": output_format,
-          "features": {g.name: v for g, v in resolve_features(space, features)},
-          "feature_space": space.to_dict()}
+          merged, output, step=int(meta.get("step") or 0), overwrite=True
+      )
+  info = {
+      "checkpoint": os.path.abspath(checkpoint),
+      "step": meta.get("step"),
+      "format": output_format,
+      "features": {g.name: v for g, v in resolve_features(space, features)},
+      "feature_space": space.to_dict(),
+  }
   with open(os.path.join(output, EXPORT_INFO_FILE), "w") as f:
     json.dump(info, f, indent=2, ensure_ascii=False)
   return output
@@ -459,20 +527,30 @@ def export(*, model: models.FlixModel, checkpoint: str,
 
 def _define_flags() -> None:
   gin_utils.define_flags()
-  flags.DEFINE_string("checkpoint", None, "flix MODEL_DIR or step directory.",
-                      required=True)
+  flags.DEFINE_string(
+      "checkpoint", None, "flix MODEL_DIR or step directory.", required=True
+  )
   flags.DEFINE_string("features", "", "Feature set: group=value,...")
   flags.DEFINE_enum("format", "peft", list(FORMATS), "What to write.")
   flags.DEFINE_string("output", None, "Output directory.", required=True)
-  flags.DEFINE_string("base_model_name_or_path", None,
-                      "peft: HF base model named in adapter_config.json.")
-  flags.DEFINE_string("base_output", None,
-                      "peft: also write the frozen base as an HF model here.")
+  flags.DEFINE_string(
+      "base_model_name_or_path",
+      None,
+      "peft: HF base model named in adapter_config.json.",
+  )
+  flags.DEFINE_string(
+      "base_output",
+      None,
+      "peft: also write the frozen base as an HF model here.",
+  )
   flags.DEFINE_bool("overwrite", False, "Replace files in a non-empty output.")
 
 
-def load_model(gin_files: Sequence[str], gin_bindings: Sequence[str],
-               search_paths: Sequence[str] = (".",)) -> models.FlixModel:
+def load_model(
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str],
+    search_paths: Sequence[str] = (".",),
+) -> models.FlixModel:
   """The gin-configured `models.FlixModel` of a run's model (+ peft) gins.
 
   The config is not finalized: run gins (runs/eval.gin, runs/finetune.gin)
@@ -481,11 +559,16 @@ def load_model(gin_files: Sequence[str], gin_bindings: Sequence[str],
   vocabulary replaces it (and a training gin's would need the mixture).
   """
   if not gin_files:
-    raise ValueError("Give the training run's model gin with --gin_file "
-                     "(e.g. configs/demo_eval.gin) so the sizes are known.")
-  gin_utils.parse_gin(gin_files,
-                      list(gin_bindings) + ["FEATURE_SPACE = None"],
-                      search_paths, finalize=False)
+    raise ValueError(
+        "Give the training run's model gin with --gin_file "
+        "(e.g. configs/demo_eval.gin) so the sizes are known."
+    )
+  gin_utils.parse_gin(
+      gin_files,
+      list(gin_bindings) + ["FEATURE_SPACE = None"],
+      search_paths,
+      finalize=False,
+  )
   return gin_utils.call_configured(models.FlixModel)
 
 
@@ -495,11 +578,16 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   try:
     model = load_model(f.gin_file, f.gin_bindings, f.gin_search_paths)
-    out = export(model=model, checkpoint=f.checkpoint,
-                 features=parse_features(f.features), output_format=f.format,
-                 output=f.output,
-                 base_model_name_or_path=f.base_model_name_or_path,
-                 base_output=f.base_output, overwrite=f.overwrite)
+    out = export(
+        model=model,
+        checkpoint=f.checkpoint,
+        features=parse_features(f.features),
+        output_format=f.format,
+        output=f.output,
+        base_model_name_or_path=f.base_model_name_or_path,
+        base_output=f.base_output,
+        overwrite=f.overwrite,
+    )
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(f"flix.export: error: {e}")
   logging.info("Wrote the %s export of %s to %s.", f.format, f.features, out)

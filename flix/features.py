@@ -58,9 +58,14 @@ class FeatureGroup:
   def __post_init__(self):
     object.__setattr__(self, "values", tuple(self.values))
     object.__setattr__(
-        self, "value_ranks", tuple((str(v), int(r)) for v, r in self.value_ranks))
+        self,
+        "value_ranks",
+        tuple((str(v), int(r)) for v, r in self.value_ranks),
+    )
     if not self.name or not self.name.replace("_", "").isalnum():
-      raise ValueError(f"Feature group name {self.name!r} must be alphanumeric.")
+      raise ValueError(
+          f"Feature group name {self.name!r} must be alphanumeric."
+      )
     if not self.values:
       raise ValueError(f"Feature group {self.name!r} has no values.")
     if len(set(self.values)) != len(self.values):
@@ -70,18 +75,21 @@ class FeatureGroup:
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(
           f"Feature group {self.name!r}: dropout must be in [0, 1), "
-          f"got {self.dropout}.")
+          f"got {self.dropout}."
+      )
     for value, value_rank in self.value_ranks:
       if value not in self.values:
         raise ValueError(
             f"Feature group {self.name!r}: rank override for unknown value "
-            f"{value!r}.")
+            f"{value!r}."
+        )
       if value_rank < 1:
         raise ValueError(f"Feature group {self.name!r}: rank of {value!r} < 1.")
     if self.default is not None and self.default not in self.values:
       raise ValueError(
           f"Feature group {self.name!r}: default {self.default!r} is not one "
-          f"of its values.")
+          f"of its values."
+      )
 
   @property
   def num_values(self) -> int:
@@ -118,12 +126,22 @@ class FeatureSpace:
   # ---- Construction ----
 
   @classmethod
-  def lora(cls, rank: int = 8, alpha: Optional[float] = None,
-           rslora: bool = False) -> FeatureSpace:
+  def lora(
+      cls, rank: int = 8, alpha: Optional[float] = None, rslora: bool = False
+  ) -> FeatureSpace:
     """Plain LoRA: one group with one always-on value."""
-    return cls(groups=(FeatureGroup(
-        name="lora", values=("all",), rank=rank, alpha=alpha,
-        default="all"),), rslora=rslora)
+    return cls(
+        groups=(
+            FeatureGroup(
+                name="lora",
+                values=("all",),
+                rank=rank,
+                alpha=alpha,
+                default="all",
+            ),
+        ),
+        rslora=rslora,
+    )
 
   @classmethod
   def from_values(
@@ -140,13 +158,16 @@ class FeatureSpace:
     dropout, value_ranks = dropout or {}, value_ranks or {}
     groups = []
     for name, group_values in values.items():
-      groups.append(FeatureGroup(
-          name=name,
-          values=tuple(group_values),
-          rank=int(ranks.get(name, 8)),
-          alpha=alphas.get(name),
-          dropout=float(dropout.get(name, 0.0)),
-          value_ranks=tuple(sorted(value_ranks.get(name, {}).items()))))
+      groups.append(
+          FeatureGroup(
+              name=name,
+              values=tuple(group_values),
+              rank=int(ranks.get(name, 8)),
+              alpha=alphas.get(name),
+              dropout=float(dropout.get(name, 0.0)),
+              value_ranks=tuple(sorted(value_ranks.get(name, {}).items())),
+          )
+      )
     return cls(groups=tuple(groups), rslora=rslora)
 
   # ---- Queries ----
@@ -182,7 +203,7 @@ class FeatureSpace:
     """Per-id mask of the padded rank columns in use, float32 [V + 1, R]."""
     mask = np.zeros((group.num_values + 1, group.max_rank), np.float32)
     for i, value in enumerate(group.values):
-      mask[i + 1, :group.rank_of(value)] = 1.0
+      mask[i + 1, : group.rank_of(value)] = 1.0
     return mask
 
   def num_adapter_params(self, d_in: int, d_out: int) -> int:
@@ -209,8 +230,11 @@ class FeatureSpace:
           _warned_unknown.add((group.name, value))
           logging.warning(
               "Unknown %s value %r: its adapter does not exist, so only the "
-              "known features apply (known values: %s).", group.name, value,
-              ", ".join(group.values))
+              "known features apply (known values: %s).",
+              group.name,
+              value,
+              ", ".join(group.values),
+          )
         value = None
       if value is None or value == "":
         value = group.default
@@ -230,15 +254,18 @@ class FeatureSpace:
   def to_dict(self) -> dict[str, Any]:
     return {
         "rslora": self.rslora,
-        "groups": [{
-            "name": g.name,
-            "values": list(g.values),
-            "rank": g.rank,
-            "alpha": g.alpha,
-            "dropout": g.dropout,
-            "value_ranks": {v: r for v, r in g.value_ranks},
-            "default": g.default,
-        } for g in self.groups],
+        "groups": [
+            {
+                "name": g.name,
+                "values": list(g.values),
+                "rank": g.rank,
+                "alpha": g.alpha,
+                "dropout": g.dropout,
+                "value_ranks": {v: r for v, r in g.value_ranks},
+                "default": g.default,
+            }
+            for g in self.groups
+        ],
     }
 
   @classmethod
@@ -251,7 +278,10 @@ class FeatureSpace:
             alpha=g.get("alpha"),
             dropout=float(g.get("dropout", 0.0)),
             value_ranks=tuple(sorted(g.get("value_ranks", {}).items())),
-            default=g.get("default")) for g in data["groups"])
+            default=g.get("default"),
+        )
+        for g in data["groups"]
+    )
     return cls(groups=groups, rslora=bool(data.get("rslora", False)))
 
   def to_json(self) -> str:
@@ -271,8 +301,9 @@ class FeatureSpace:
       return cls.from_json(f.read())
 
 
-def lora_space(rank: int = 8, alpha: Optional[float] = None,
-               rslora: bool = False) -> FeatureSpace:
+def lora_space(
+    rank: int = 8, alpha: Optional[float] = None, rslora: bool = False
+) -> FeatureSpace:
   """Plain LoRA as a feature space (a function, so gin can bind it)."""
   return FeatureSpace.lora(rank=rank, alpha=alpha, rslora=rslora)
 
@@ -280,8 +311,9 @@ def lora_space(rank: int = 8, alpha: Optional[float] = None,
 # ---- Feature dropout (pure JAX) ----
 
 
-def sample_feature_keep(rng: jax.Array, batch_size: int, num_segments: int,
-                        rates: jax.Array) -> jax.Array:
+def sample_feature_keep(
+    rng: jax.Array, batch_size: int, num_segments: int, rates: jax.Array
+) -> jax.Array:
   """Draws which (example, group) features survive dropout.
 
   Args:
@@ -298,8 +330,11 @@ def sample_feature_keep(rng: jax.Array, batch_size: int, num_segments: int,
   return u >= rates
 
 
-def apply_feature_keep(feature_ids: jax.Array, keep: jax.Array,
-                       segment_ids: Optional[jax.Array] = None) -> jax.Array:
+def apply_feature_keep(
+    feature_ids: jax.Array,
+    keep: jax.Array,
+    segment_ids: Optional[jax.Array] = None,
+) -> jax.Array:
   """Zeroes the dropped features of every token.
 
   Args:
@@ -319,8 +354,12 @@ def apply_feature_keep(feature_ids: jax.Array, keep: jax.Array,
   return jnp.where(token_keep, feature_ids, NO_FEATURE)
 
 
-def feature_dropout(feature_ids: jax.Array, rng: jax.Array, rates: jax.Array,
-                    segment_ids: Optional[jax.Array] = None) -> jax.Array:
+def feature_dropout(
+    feature_ids: jax.Array,
+    rng: jax.Array,
+    rates: jax.Array,
+    segment_ids: Optional[jax.Array] = None,
+) -> jax.Array:
   """Drops each example's feature of group g with probability rates[g].
 
   One draw per (example, group): all tokens of an example (and, with the same

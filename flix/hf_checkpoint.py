@@ -54,35 +54,38 @@ PyTree = Any
 Params = dict[str, Any]
 StateDict = dict[str, np.ndarray]
 
-SAFETENSORS_FILE = 'model.safetensors'
-SAFETENSORS_INDEX_FILE = 'model.safetensors.index.json'
-PYTORCH_FILE = 'pytorch_model.bin'
-PYTORCH_INDEX_FILE = 'pytorch_model.bin.index.json'
-CONFIG_FILE = 'config.json'
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+PYTORCH_FILE = "pytorch_model.bin"
+PYTORCH_INDEX_FILE = "pytorch_model.bin.index.json"
+CONFIG_FILE = "config.json"
 
 # Keys HF itself ignores when loading (stale in some old T5 checkpoints).
 _IGNORED_HF_KEYS = frozenset(
-    {'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight'})
-_TIED_EMBEDDING_KEYS = ('encoder.embed_tokens.weight',
-                        'decoder.embed_tokens.weight')
-_ATTENTION_NAMES = (('query', 'q'), ('key', 'k'), ('value', 'v'), ('out', 'o'))
+    {"decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+)
+_TIED_EMBEDDING_KEYS = (
+    "encoder.embed_tokens.weight",
+    "decoder.embed_tokens.weight",
+)
+_ATTENTION_NAMES = (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o"))
 
 # HF `feed_forward_proj` activation name -> T5X activation name. HF maps
 # 'gated-gelu' to gelu_new (tanh approximation) = T5X's 'gelu'.
 _HF_TO_T5X_ACTIVATION = {
-    'gelu': 'gelu',
-    'gelu_new': 'gelu',
-    'gelu_pytorch_tanh': 'gelu',
-    'relu': 'relu',
-    'silu': 'silu',
-    'swish': 'silu',
+    "gelu": "gelu",
+    "gelu_new": "gelu",
+    "gelu_pytorch_tanh": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
 }
 _T5X_TO_HF_PROJ = {
-    ('gelu', 'linear'): 'gated-gelu',
-    ('relu', 'linear'): 'gated-relu',
-    ('silu', 'linear'): 'gated-silu',
-    ('relu',): 'relu',
-    ('gelu',): 'gelu',
+    ("gelu", "linear"): "gated-gelu",
+    ("relu", "linear"): "gated-relu",
+    ("silu", "linear"): "gated-silu",
+    ("relu",): "relu",
+    ("gelu",): "gelu",
 }
 
 
@@ -91,43 +94,70 @@ _T5X_TO_HF_PROJ = {
 # ------------------------------------------------------------------------------
 
 
-def _mapping(num_encoder_layers: int, num_decoder_layers: int, gated: bool,
-             with_lm_head: bool) -> Iterator[tuple[tuple[str, ...], str, bool]]:
+def _mapping(
+    num_encoder_layers: int,
+    num_decoder_layers: int,
+    gated: bool,
+    with_lm_head: bool,
+) -> Iterator[tuple[tuple[str, ...], str, bool]]:
   """Yields (T5X path, HF key, transpose) for every parameter."""
-  mlp = ('wi_0', 'wi_1', 'wo') if gated else ('wi', 'wo')
-  yield ('token_embedder', 'embedding'), 'shared.weight', False
-  for stack, n, norm in (('encoder', num_encoder_layers, 'encoder_norm'),
-                         ('decoder', num_decoder_layers, 'decoder_norm')):
-    yield ((stack, 'relpos_bias', 'rel_embedding'),
-           f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.'
-           'weight', True)
+  mlp = ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
+  yield ("token_embedder", "embedding"), "shared.weight", False
+  for stack, n, norm in (
+      ("encoder", num_encoder_layers, "encoder_norm"),
+      ("decoder", num_decoder_layers, "decoder_norm"),
+  ):
+    yield (
+        (stack, "relpos_bias", "rel_embedding"),
+        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias."
+        "weight",
+        True,
+    )
     for i in range(n):
-      block = f'{stack}.block.{i}.layer'
-      layer = f'layers_{i}'
-      if stack == 'encoder':
-        sublayers = (('pre_attention_layer_norm', 'attention', 'SelfAttention'),
-                     ('pre_mlp_layer_norm', None, None))
+      block = f"{stack}.block.{i}.layer"
+      layer = f"layers_{i}"
+      if stack == "encoder":
+        sublayers = (
+            ("pre_attention_layer_norm", "attention", "SelfAttention"),
+            ("pre_mlp_layer_norm", None, None),
+        )
       else:
         sublayers = (
-            ('pre_self_attention_layer_norm', 'self_attention',
-             'SelfAttention'),
-            ('pre_cross_attention_layer_norm', 'encoder_decoder_attention',
-             'EncDecAttention'),
-            ('pre_mlp_layer_norm', None, None))
+            (
+                "pre_self_attention_layer_norm",
+                "self_attention",
+                "SelfAttention",
+            ),
+            (
+                "pre_cross_attention_layer_norm",
+                "encoder_decoder_attention",
+                "EncDecAttention",
+            ),
+            ("pre_mlp_layer_norm", None, None),
+        )
       for j, (norm_name, t5x_attn, hf_attn) in enumerate(sublayers):
-        yield ((stack, layer, norm_name, 'scale'),
-               f'{block}.{j}.layer_norm.weight', False)
+        yield (
+            (stack, layer, norm_name, "scale"),
+            f"{block}.{j}.layer_norm.weight",
+            False,
+        )
         if t5x_attn is None:
           for name in mlp:
-            yield ((stack, layer, 'mlp', name, 'kernel'),
-                   f'{block}.{j}.DenseReluDense.{name}.weight', True)
+            yield (
+                (stack, layer, "mlp", name, "kernel"),
+                f"{block}.{j}.DenseReluDense.{name}.weight",
+                True,
+            )
         else:
           for t5x_name, hf_name in _ATTENTION_NAMES:
-            yield ((stack, layer, t5x_attn, t5x_name, 'kernel'),
-                   f'{block}.{j}.{hf_attn}.{hf_name}.weight', True)
-    yield (stack, norm, 'scale'), f'{stack}.final_layer_norm.weight', False
+            yield (
+                (stack, layer, t5x_attn, t5x_name, "kernel"),
+                f"{block}.{j}.{hf_attn}.{hf_name}.weight",
+                True,
+            )
+    yield (stack, norm, "scale"), f"{stack}.final_layer_norm.weight", False
   if with_lm_head:
-    yield ('decoder', 'logits_dense', 'kernel'), 'lm_head.weight', True
+    yield ("decoder", "logits_dense", "kernel"), "lm_head.weight", True
 
 
 def _num_layers(keys: Any, pattern: str) -> int:
@@ -137,12 +167,13 @@ def _num_layers(keys: Any, pattern: str) -> int:
 
 
 def _format_keys(keys: list[str], limit: int = 5) -> str:
-  shown = ', '.join(sorted(keys)[:limit])
-  return f'{shown}, ... ({len(keys)} in all)' if len(keys) > limit else shown
+  shown = ", ".join(sorted(keys)[:limit])
+  return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
-def hf_to_t5x(state_dict: Mapping[str, Any],
-              tie_word_embeddings: Optional[bool] = None) -> Params:
+def hf_to_t5x(
+    state_dict: Mapping[str, Any], tie_word_embeddings: Optional[bool] = None
+) -> Params:
   """Converts an HF (m)T5 PyTorch-layout state dict to the T5X params tree.
 
   Args:
@@ -163,33 +194,35 @@ def hf_to_t5x(state_dict: Mapping[str, Any],
       embedding copies differ from `shared.weight`.
   """
   keys = set(state_dict)
-  num_enc = _num_layers(keys, r'encoder\.block\.(\d+)\.')
-  num_dec = _num_layers(keys, r'decoder\.block\.(\d+)\.')
-  gated = 'encoder.block.0.layer.1.DenseReluDense.wi_0.weight' in keys
+  num_enc = _num_layers(keys, r"encoder\.block\.(\d+)\.")
+  num_dec = _num_layers(keys, r"decoder\.block\.(\d+)\.")
+  gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in keys
   if tie_word_embeddings is None:
-    tie_word_embeddings = 'lm_head.weight' not in keys
+    tie_word_embeddings = "lm_head.weight" not in keys
   mapping = list(_mapping(num_enc, num_dec, gated, not tie_word_embeddings))
 
   missing = [hf_key for _, hf_key, _ in mapping if hf_key not in keys]
   optional = set(_IGNORED_HF_KEYS) | set(_TIED_EMBEDDING_KEYS)
   if tie_word_embeddings:
-    optional.add('lm_head.weight')
+    optional.add("lm_head.weight")
   known = {hf_key for _, hf_key, _ in mapping} | optional
   unexpected = [k for k in keys if k not in known]
   if missing or unexpected or not num_enc or not num_dec:
     raise ValueError(
-        'State dict is not an HF (m)T5 encoder-decoder checkpoint '
-        f'({num_enc} encoder / {num_dec} decoder blocks found, '
+        "State dict is not an HF (m)T5 encoder-decoder checkpoint "
+        f"({num_enc} encoder / {num_dec} decoder blocks found, "
         f"{'gated' if gated else 'non-gated'} MLP). Missing keys: "
         f"{_format_keys(missing) or 'none'}. Unexpected keys: "
-        f"{_format_keys(unexpected) or 'none'}.")
+        f"{_format_keys(unexpected) or 'none'}."
+    )
 
-  shared = np.asarray(state_dict['shared.weight'])
+  shared = np.asarray(state_dict["shared.weight"])
   tied_copies = _TIED_EMBEDDING_KEYS + (
-      ('lm_head.weight',) if tie_word_embeddings else ())
+      ("lm_head.weight",) if tie_word_embeddings else ()
+  )
   for key in tied_copies:
     if key in keys and not np.array_equal(np.asarray(state_dict[key]), shared):
-      raise ValueError(f'{key} differs from shared.weight; T5X ties them.')
+      raise ValueError(f"{key} differs from shared.weight; T5X ties them.")
 
   flat = {}
   for path, hf_key, transpose in mapping:
@@ -225,21 +258,22 @@ def t5x_to_hf(tree: Mapping[str, Any]) -> StateDict:
         flat[prefix + (key,)] = value
 
   _walk(tree, ())
-  encoder_paths = [p[1] for p in flat if p[0] == 'encoder']
-  decoder_paths = [p[1] for p in flat if p[0] == 'decoder']
-  num_enc = _num_layers(encoder_paths, r'layers_(\d+)$')
-  num_dec = _num_layers(decoder_paths, r'layers_(\d+)$')
-  gated = ('encoder', 'layers_0', 'mlp', 'wi_0', 'kernel') in flat
-  with_lm_head = ('decoder', 'logits_dense', 'kernel') in flat
+  encoder_paths = [p[1] for p in flat if p[0] == "encoder"]
+  decoder_paths = [p[1] for p in flat if p[0] == "decoder"]
+  num_enc = _num_layers(encoder_paths, r"layers_(\d+)$")
+  num_dec = _num_layers(decoder_paths, r"layers_(\d+)$")
+  gated = ("encoder", "layers_0", "mlp", "wi_0", "kernel") in flat
+  with_lm_head = ("decoder", "logits_dense", "kernel") in flat
   mapping = list(_mapping(num_enc, num_dec, gated, with_lm_head))
 
-  missing = ['/'.join(p) for p, _, _ in mapping if p not in flat]
-  unexpected = ['/'.join(p) for p in set(flat) - {p for p, _, _ in mapping}]
+  missing = ["/".join(p) for p, _, _ in mapping if p not in flat]
+  unexpected = ["/".join(p) for p in set(flat) - {p for p, _, _ in mapping}]
   if missing or unexpected:
     raise ValueError(
-        'Tree is not a T5X (m)T5 params tree. Missing paths: '
+        "Tree is not a T5X (m)T5 params tree. Missing paths: "
         f"{_format_keys(missing) or 'none'}. Unexpected paths: "
-        f"{_format_keys(unexpected) or 'none'}.")
+        f"{_format_keys(unexpected) or 'none'}."
+    )
   state_dict = {}
   for path, hf_key, transpose in mapping:
     value = np.asarray(flat[path])
@@ -253,7 +287,7 @@ def t5x_to_hf(tree: Mapping[str, Any]) -> StateDict:
 
 
 def _to_float32(array: np.ndarray) -> np.ndarray:
-  if np.issubdtype(array.dtype, np.floating) or array.dtype.name == 'bfloat16':
+  if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
     return array.astype(np.float32, copy=False)
   return array
 
@@ -268,10 +302,11 @@ def _read_pytorch_bin(path: str) -> StateDict:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        f'Reading {path!r} needs PyTorch, which is not installed. Install the '
-        'CPU build (e.g. `pip install torch==2.13.0`) or convert the '
-        'checkpoint to safetensors.') from e
-  loaded = torch.load(path, map_location='cpu', weights_only=True)
+        f"Reading {path!r} needs PyTorch, which is not installed. Install the "
+        "CPU build (e.g. `pip install torch==2.13.0`) or convert the "
+        "checkpoint to safetensors."
+    ) from e
+  loaded = torch.load(path, map_location="cpu", weights_only=True)
   state_dict = {}
   for key, value in loaded.items():
     if value.is_floating_point():
@@ -282,7 +317,7 @@ def _read_pytorch_bin(path: str) -> StateDict:
 
 def _read_index(directory: str, index_file: str, reader: Any) -> StateDict:
   with open(os.path.join(directory, index_file)) as f:
-    weight_map = json.load(f)['weight_map']
+    weight_map = json.load(f)["weight_map"]
   state_dict = {}
   for shard in sorted(set(weight_map.values())):
     state_dict.update(reader(os.path.join(directory, shard)))
@@ -308,17 +343,24 @@ def read_hf_checkpoint(directory: str) -> StateDict:
   """
   directory = os.fspath(directory)
   if os.path.isfile(directory):
-    if directory.endswith('.safetensors'):
+    if directory.endswith(".safetensors"):
       return _read_safetensors(directory)
     return _read_pytorch_bin(directory)
   candidates = (
       (SAFETENSORS_FILE, _read_safetensors),
-      (SAFETENSORS_INDEX_FILE,
-       lambda p: _read_index(directory, SAFETENSORS_INDEX_FILE,
-                             _read_safetensors)),
+      (
+          SAFETENSORS_INDEX_FILE,
+          lambda p: _read_index(
+              directory, SAFETENSORS_INDEX_FILE, _read_safetensors
+          ),
+      ),
       (PYTORCH_FILE, _read_pytorch_bin),
-      (PYTORCH_INDEX_FILE,
-       lambda p: _read_index(directory, PYTORCH_INDEX_FILE, _read_pytorch_bin)),
+      (
+          PYTORCH_INDEX_FILE,
+          lambda p: _read_index(
+              directory, PYTORCH_INDEX_FILE, _read_pytorch_bin
+          ),
+      ),
   )
   for name, reader in candidates:
     path = os.path.join(directory, name)
@@ -326,34 +368,42 @@ def read_hf_checkpoint(directory: str) -> StateDict:
       return reader(path)
   found = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
   raise FileNotFoundError(
-      f'No Hugging Face PyTorch weights in {directory!r} '
-      + (f'(it contains {found[:10]})' if found is not None else
-         '(no such directory)')
-      + f'; expected one of {[name for name, _ in candidates]}. Flax '
-      '(flax_model.msgpack) and TF (tf_model.h5) weights are not supported.')
+      f"No Hugging Face PyTorch weights in {directory!r} "
+      + (
+          f"(it contains {found[:10]})"
+          if found is not None
+          else "(no such directory)"
+      )
+      + f"; expected one of {[name for name, _ in candidates]}. Flax "
+      "(flax_model.msgpack) and TF (tf_model.h5) weights are not supported."
+  )
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
   """Returns the parsed `config.json` of an HF model directory."""
   path = os.path.join(os.fspath(directory), CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No {CONFIG_FILE} in {directory!r}: expected an '
-                            'HF model directory written by save_pretrained.')
+    raise FileNotFoundError(
+        f"No {CONFIG_FILE} in {directory!r}: expected an "
+        "HF model directory written by save_pretrained."
+    )
   with open(path) as f:
     return json.load(f)
 
 
 def _mlp_activations(config: Mapping[str, Any]) -> tuple[str, ...]:
-  proj = config.get('feed_forward_proj', 'relu')
-  parts = proj.split('-')
-  if len(parts) > 2 or (len(parts) == 2 and parts[0] != 'gated'):
-    raise ValueError(f'Unsupported feed_forward_proj {proj!r}.')
+  proj = config.get("feed_forward_proj", "relu")
+  parts = proj.split("-")
+  if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+    raise ValueError(f"Unsupported feed_forward_proj {proj!r}.")
   activation = _HF_TO_T5X_ACTIVATION.get(parts[-1])
   if activation is None:
-    raise ValueError(f'Unsupported activation {parts[-1]!r} in '
-                     f'feed_forward_proj {proj!r}; supported: '
-                     f'{sorted(_HF_TO_T5X_ACTIVATION)}.')
-  return (activation, 'linear') if len(parts) == 2 else (activation,)
+    raise ValueError(
+        f"Unsupported activation {parts[-1]!r} in "
+        f"feed_forward_proj {proj!r}; supported: "
+        f"{sorted(_HF_TO_T5X_ACTIVATION)}."
+    )
+  return (activation, "linear") if len(parts) == 2 else (activation,)
 
 
 def t5_config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -370,27 +420,31 @@ def t5_config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
     gelu_new equals T5X's tanh-approximate gelu). Note HF's non-gated 'gelu'
     is the exact erf GELU, which maps to T5X 'gelu' only approximately.
   """
-  num_layers = int(config.get('num_layers', 8))
-  num_decoder_layers = config.get('num_decoder_layers')
+  num_layers = int(config.get("num_layers", 8))
+  num_decoder_layers = config.get("num_decoder_layers")
   return {
-      'vocab_size': int(config['vocab_size']),
-      'emb_dim': int(config['d_model']),
-      'num_heads': int(config['num_heads']),
-      'head_dim': int(config['d_kv']),
-      'mlp_dim': int(config['d_ff']),
-      'num_encoder_layers': num_layers,
-      'num_decoder_layers': int(num_decoder_layers if num_decoder_layers
-                                is not None else num_layers),
-      'mlp_activations': _mlp_activations(config),
-      'relative_attention_num_buckets': int(
-          config.get('relative_attention_num_buckets', 32)),
-      'relative_attention_max_distance': int(
-          config.get('relative_attention_max_distance', 128)),
+      "vocab_size": int(config["vocab_size"]),
+      "emb_dim": int(config["d_model"]),
+      "num_heads": int(config["num_heads"]),
+      "head_dim": int(config["d_kv"]),
+      "mlp_dim": int(config["d_ff"]),
+      "num_encoder_layers": num_layers,
+      "num_decoder_layers": int(
+          num_decoder_layers if num_decoder_layers is not None else num_layers
+      ),
+      "mlp_activations": _mlp_activations(config),
+      "relative_attention_num_buckets": int(
+          config.get("relative_attention_num_buckets", 32)
+      ),
+      "relative_attention_max_distance": int(
+          config.get("relative_attention_max_distance", 128)
+      ),
   }
 
 
-def hf_config_from_t5_config(dims: Mapping[str, Any],
-                             **overrides: Any) -> dict[str, Any]:
+def hf_config_from_t5_config(
+    dims: Mapping[str, Any], **overrides: Any
+) -> dict[str, Any]:
   """Builds an HF `MT5Config`-style dict from our network dims.
 
   The inverse of `t5_config_from_hf`; mT5 defaults for everything else
@@ -403,43 +457,47 @@ def hf_config_from_t5_config(dims: Mapping[str, Any],
   Returns:
     A JSON-serialisable HF config dict.
   """
-  activations = tuple(dims.get('mlp_activations', ('gelu', 'linear')))
+  activations = tuple(dims.get("mlp_activations", ("gelu", "linear")))
   if activations not in _T5X_TO_HF_PROJ:
-    raise ValueError(f'No HF feed_forward_proj for mlp_activations '
-                     f'{activations}; supported: {sorted(_T5X_TO_HF_PROJ)}.')
+    raise ValueError(
+        f"No HF feed_forward_proj for mlp_activations "
+        f"{activations}; supported: {sorted(_T5X_TO_HF_PROJ)}."
+    )
   config = {
-      'architectures': ['MT5ForConditionalGeneration'],
-      'model_type': 'mt5',
-      'vocab_size': int(dims['vocab_size']),
-      'd_model': int(dims['emb_dim']),
-      'd_kv': int(dims['head_dim']),
-      'd_ff': int(dims['mlp_dim']),
-      'num_heads': int(dims['num_heads']),
-      'num_layers': int(dims['num_encoder_layers']),
-      'num_decoder_layers': int(dims['num_decoder_layers']),
-      'relative_attention_num_buckets': int(
-          dims.get('relative_attention_num_buckets', 32)),
-      'relative_attention_max_distance': int(
-          dims.get('relative_attention_max_distance', 128)),
-      'feed_forward_proj': _T5X_TO_HF_PROJ[activations],
-      'dropout_rate': 0.1,
-      'layer_norm_epsilon': 1e-6,
-      'initializer_factor': 1.0,
-      'is_encoder_decoder': True,
-      'tie_word_embeddings': False,
-      'use_cache': True,
-      'pad_token_id': 0,
-      'eos_token_id': 1,
-      'decoder_start_token_id': 0,
-      'tokenizer_class': 'T5Tokenizer',
+      "architectures": ["MT5ForConditionalGeneration"],
+      "model_type": "mt5",
+      "vocab_size": int(dims["vocab_size"]),
+      "d_model": int(dims["emb_dim"]),
+      "d_kv": int(dims["head_dim"]),
+      "d_ff": int(dims["mlp_dim"]),
+      "num_heads": int(dims["num_heads"]),
+      "num_layers": int(dims["num_encoder_layers"]),
+      "num_decoder_layers": int(dims["num_decoder_layers"]),
+      "relative_attention_num_buckets": int(
+          dims.get("relative_attention_num_buckets", 32)
+      ),
+      "relative_attention_max_distance": int(
+          dims.get("relative_attention_max_distance", 128)
+      ),
+      "feed_forward_proj": _T5X_TO_HF_PROJ[activations],
+      "dropout_rate": 0.1,
+      "layer_norm_epsilon": 1e-6,
+      "initializer_factor": 1.0,
+      "is_encoder_decoder": True,
+      "tie_word_embeddings": False,
+      "use_cache": True,
+      "pad_token_id": 0,
+      "eos_token_id": 1,
+      "decoder_start_token_id": 0,
+      "tokenizer_class": "T5Tokenizer",
   }
   config.update(overrides)
   return config
 
 
-def write_hf_checkpoint(state_dict: Mapping[str, Any],
-                        config: Mapping[str, Any],
-                        directory: str) -> None:
+def write_hf_checkpoint(
+    state_dict: Mapping[str, Any], config: Mapping[str, Any], directory: str
+) -> None:
   """Writes `model.safetensors` + `config.json` for `from_pretrained`.
 
   Args:
@@ -455,27 +513,35 @@ def write_hf_checkpoint(state_dict: Mapping[str, Any],
   Raises:
     ValueError: if `shared.weight` is missing or disagrees with the config.
   """
-  if 'emb_dim' in config:
+  if "emb_dim" in config:
     hf_config = hf_config_from_t5_config(config)
   else:
     hf_config = dict(config)
-    hf_config.setdefault('model_type', 'mt5')
-    hf_config.setdefault('architectures', ['MT5ForConditionalGeneration'])
-  hf_config.setdefault('tie_word_embeddings', 'lm_head.weight' not in
-                       state_dict)
-  if 'shared.weight' not in state_dict:
-    raise ValueError('state_dict has no shared.weight.')
-  expected = (hf_config['vocab_size'], hf_config['d_model'])
-  if tuple(np.shape(state_dict['shared.weight'])) != expected:
-    raise ValueError(f'shared.weight has shape '
-                     f"{np.shape(state_dict['shared.weight'])}, config says "
-                     f'(vocab_size, d_model) = {expected}.')
+    hf_config.setdefault("model_type", "mt5")
+    hf_config.setdefault("architectures", ["MT5ForConditionalGeneration"])
+  hf_config.setdefault(
+      "tie_word_embeddings", "lm_head.weight" not in state_dict
+  )
+  if "shared.weight" not in state_dict:
+    raise ValueError("state_dict has no shared.weight.")
+  expected = (hf_config["vocab_size"], hf_config["d_model"])
+  if tuple(np.shape(state_dict["shared.weight"])) != expected:
+    raise ValueError(
+        f"shared.weight has shape "
+        f"{np.shape(state_dict['shared.weight'])}, config says "
+        f"(vocab_size, d_model) = {expected}."
+    )
   tensors = collections.OrderedDict(
       (k, np.ascontiguousarray(np.asarray(v)))
-      for k, v in state_dict.items() if k not in _TIED_EMBEDDING_KEYS)
+      for k, v in state_dict.items()
+      if k not in _TIED_EMBEDDING_KEYS
+  )
   os.makedirs(directory, exist_ok=True)
-  safetensors_np.save_file(tensors, os.path.join(directory, SAFETENSORS_FILE),
-                           metadata={'format': 'pt'})
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+  safetensors_np.save_file(
+      tensors,
+      os.path.join(directory, SAFETENSORS_FILE),
+      metadata={"format": "pt"},
+  )
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
-    f.write('\n')
+    f.write("\n")

@@ -34,33 +34,40 @@ class _DropUncachedSourceWarning(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(
-        "Using an uncached FunctionDataset for training")
+        "Using an uncached FunctionDataset for training"
+    )
 
 
 logging.getLogger("absl").addFilter(_DropUncachedSourceWarning())
 
 
-def train_batches(mixture_or_task_name: str,
-                  task_feature_lengths: Mapping[str, int],
-                  batch_size: int,
-                  feature_space: Optional[features_lib.FeatureSpace],
-                  split: str = "train",
-                  seed: int = 0,
-                  pack: bool = False,
-                  skip_batches: int = 0,
-                  shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    feature_space: Optional[features_lib.FeatureSpace],
+    split: str = "train",
+    seed: int = 0,
+    pack: bool = False,
+    skip_batches: int = 0,
+    shuffle: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
   """Endless, deterministic, host-sharded numpy batches of a mixture.
 
   Deterministic given `seed`, so a resumed run skips `skip_batches` batches
   and continues at exactly the same data position.
   """
   from flix_tasks import converter  # pylint: disable=g-import-not-at-top
+
   space = feature_space or features_lib.FeatureSpace(groups=())
-  shard = seqio.ShardInfo(index=jax.process_index(),
-                          num_shards=jax.process_count())
+  shard = seqio.ShardInfo(
+      index=jax.process_index(), num_shards=jax.process_count()
+  )
   if batch_size % jax.process_count():
-    raise ValueError(f"Batch size {batch_size} is not divisible by the "
-                     f"{jax.process_count()} hosts.")
+    raise ValueError(
+        f"Batch size {batch_size} is not divisible by the "
+        f"{jax.process_count()} hosts."
+    )
   dataset = seqio.get_dataset(
       mixture_or_task_name,
       task_feature_lengths=dict(task_feature_lengths),
@@ -71,21 +78,31 @@ def train_batches(mixture_or_task_name: str,
       shard_info=shard,
       use_cached=False,
       seed=seed,
-      batch_size=batch_size // jax.process_count())
+      batch_size=batch_size // jax.process_count(),
+  )
   if skip_batches:
     dataset = dataset.skip(skip_batches)
   for batch in dataset.as_numpy_iterator():
     yield batch
 
 
-def task_examples(task_name: str, split: str,
-                  task_feature_lengths: Optional[Mapping[str, int]] = None,
-                  max_examples: Optional[int] = None) -> list[dict[str, Any]]:
+def task_examples(
+    task_name: str,
+    split: str,
+    task_feature_lengths: Optional[Mapping[str, int]] = None,
+    max_examples: Optional[int] = None,
+) -> list[dict[str, Any]]:
   """The tokenized examples of one task split, in order, as numpy dicts."""
   task = seqio.get_mixture_or_task(task_name)
   dataset = task.get_dataset(
-      sequence_length=dict(task_feature_lengths) if task_feature_lengths
-      else None, split=split, shuffle=False, num_epochs=1, use_cached=False)
+      sequence_length=dict(task_feature_lengths)
+      if task_feature_lengths
+      else None,
+      split=split,
+      shuffle=False,
+      num_epochs=1,
+      use_cached=False,
+  )
   if max_examples:
     dataset = dataset.take(max_examples)
   return list(dataset.as_numpy_iterator())
@@ -98,7 +115,7 @@ def example_features(example: Mapping[str, Any]) -> dict[str, str]:
     if key.startswith(featurized.FEATURE_PREFIX):
       value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
       if value:
-        out[key[len(featurized.FEATURE_PREFIX):]] = value
+        out[key[len(featurized.FEATURE_PREFIX) :]] = value
   return out
 
 
@@ -106,18 +123,19 @@ def _pad(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
   out = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
     row = np.asarray(row, np.int32)[:length]
-    out[i, :len(row)] = row
+    out[i, : len(row)] = row
   return out
 
 
-def examples_to_batch(input_tokens: Sequence[np.ndarray],
-                      target_tokens: Sequence[np.ndarray],
-                      features: Sequence[Mapping[str, str]],
-                      feature_space: Optional[features_lib.FeatureSpace],
-                      input_length: int,
-                      target_length: int,
-                      batch_size: Optional[int] = None
-                      ) -> dict[str, np.ndarray]:
+def examples_to_batch(
+    input_tokens: Sequence[np.ndarray],
+    target_tokens: Sequence[np.ndarray],
+    features: Sequence[Mapping[str, str]],
+    feature_space: Optional[features_lib.FeatureSpace],
+    input_length: int,
+    target_length: int,
+    batch_size: Optional[int] = None,
+) -> dict[str, np.ndarray]:
   """An unpacked model batch from token lists and feature dicts (numpy).
 
   Unknown feature values warn and are treated as absent (see
@@ -129,7 +147,8 @@ def examples_to_batch(input_tokens: Sequence[np.ndarray],
   inputs = _pad(list(input_tokens) + [[]] * pad_rows, input_length)
   targets = _pad(list(target_tokens) + [[]] * pad_rows, target_length)
   decoder_inputs = np.concatenate(
-      [np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
+      [np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1
+  )
   space = feature_space or features_lib.FeatureSpace(groups=())
   groups = max(space.num_groups, 1)
   ids = np.zeros((batch_size, groups), np.int32)
@@ -141,8 +160,10 @@ def examples_to_batch(input_tokens: Sequence[np.ndarray],
       "decoder_input_tokens": decoder_inputs,
       "decoder_target_tokens": targets,
       "decoder_loss_weights": (targets > 0).astype(np.float32),
-      "encoder_feature_ids": (ids[:, None, :] *
-                              (inputs > 0)[..., None]).astype(np.int32),
+      "encoder_feature_ids": (ids[:, None, :] * (inputs > 0)[..., None]).astype(
+          np.int32
+      ),
       "decoder_feature_ids": np.broadcast_to(
-          ids[:, None, :], (batch_size, target_length, groups)).copy(),
+          ids[:, None, :], (batch_size, target_length, groups)
+      ).copy(),
   }

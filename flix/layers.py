@@ -58,14 +58,17 @@ VALUES_AXIS = "flix_values"
 RANK_AXIS = "lora_rank"
 
 default_kernel_init = nn.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal")
+    1.0, "fan_in", "truncated_normal"
+)
 # Kaiming-uniform with bound 1/sqrt(D), as PEFT initialises LoRA's A.
 default_adapter_init = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=(0,)
+)
 
 
-def _coefficients(space: features_lib.FeatureSpace,
-                  group: features_lib.FeatureGroup) -> np.ndarray:
+def _coefficients(
+    space: features_lib.FeatureSpace, group: features_lib.FeatureGroup
+) -> np.ndarray:
   """Per-id rank coefficients s_g * rank_mask, float32 [V + 1, R]; row 0 = 0."""
   return space.scale_table(group)[:, None] * space.rank_mask(group)
 
@@ -89,8 +92,11 @@ def _gather_adapters(space, adapters, ids):
     b_parts.append(jnp.take(b, index, axis=0))
     coef = jnp.asarray(_coefficients(space, group), a.dtype)
     c_parts.append(jnp.take(coef, group_ids, axis=0))
-  return (jnp.concatenate(a_parts, -1), jnp.concatenate(c_parts, -1),
-          jnp.concatenate(b_parts, -2))
+  return (
+      jnp.concatenate(a_parts, -1),
+      jnp.concatenate(c_parts, -1),
+      jnp.concatenate(b_parts, -2),
+  )
 
 
 def _delta_gather(space, x, ids, adapters):
@@ -145,8 +151,9 @@ def _delta_segment(space, x, routing, adapters):
   return jnp.where(max_runs > num_slots, jnp.nan, delta)
 
 
-def check_max_segments(feature_ids: np.ndarray, max_segments: int,
-                       strategy: str = "segment") -> None:
+def check_max_segments(
+    feature_ids: np.ndarray, max_segments: int, strategy: str = "segment"
+) -> None:
   """Raises if a row holds more runs of feature ids than the layer has slots.
 
   Args:
@@ -165,7 +172,8 @@ def check_max_segments(feature_ids: np.ndarray, max_segments: int,
         f"A batch row packs {int(runs.max())} examples with different "
         f"features, but the FLix layers have max_segments={max_segments} "
         "slots per row. Set network.T5Config.max_segments (gin) to at least "
-        "the number of examples packed per row, or use strategy 'gather'.")
+        "the number of examples packed per row, or use strategy 'gather'."
+    )
 
 
 def _delta_dense(space, x, ids, adapters):
@@ -189,11 +197,13 @@ def _delta_ragged(space, x, ids, adapters):
     zero_a = jnp.zeros((1,) + a.shape[1:], a.dtype)
     zero_b = jnp.zeros((1,) + b.shape[1:], b.dtype)
     coef = jnp.asarray(_coefficients(space, group), a.dtype)
-    h = jax.lax.ragged_dot(tokens[order], jnp.concatenate([zero_a, a]),
-                           sizes.astype(jnp.int32))
+    h = jax.lax.ragged_dot(
+        tokens[order], jnp.concatenate([zero_a, a]), sizes.astype(jnp.int32)
+    )
     h = h * jnp.take(coef, group_ids[order], axis=0)
-    out = jax.lax.ragged_dot(h, jnp.concatenate([zero_b, b]),
-                             sizes.astype(jnp.int32))
+    out = jax.lax.ragged_dot(
+        h, jnp.concatenate([zero_b, b]), sizes.astype(jnp.int32)
+    )
     delta = delta + out[jnp.argsort(order)]
   return delta.reshape(batch, length, -1)
 
@@ -217,22 +227,28 @@ class Routing:
   max_runs: Optional[Array] = None
 
 
-def route(feature_ids: Array, strategy: str = "segment",
-          max_segments: int = 1) -> Routing:
+def route(
+    feature_ids: Array, strategy: str = "segment", max_segments: int = 1
+) -> Routing:
   """Prepares per-token ids [B, L, G] for `flix_delta`."""
   if strategy not in STRATEGIES:
-    raise ValueError(f"Unknown FLix strategy {strategy!r}; use one of "
-                     f"{STRATEGIES}.")
+    raise ValueError(
+        f"Unknown FLix strategy {strategy!r}; use one of " f"{STRATEGIES}."
+    )
   ids = jnp.asarray(feature_ids).astype(jnp.int32)
   if strategy != "segment":
     return Routing(ids)
   return Routing(ids, *segment_slots(ids, max_segments))
 
 
-def flix_delta(space: features_lib.FeatureSpace, x: Array,
-               feature_ids: Union[Array, Routing],
-               adapters: Sequence[tuple[Array, Array]],
-               strategy: str = "segment", max_segments: int = 1) -> Array:
+def flix_delta(
+    space: features_lib.FeatureSpace,
+    x: Array,
+    feature_ids: Union[Array, Routing],
+    adapters: Sequence[tuple[Array, Array]],
+    strategy: str = "segment",
+    max_segments: int = 1,
+) -> Array:
   """Sum of the active features' adapter outputs, per token.
 
   Args:
@@ -247,12 +263,16 @@ def flix_delta(space: features_lib.FeatureSpace, x: Array,
   Returns:
     [B, L, O]: sum_{(g,v) active} s_g (x A[g,v]) B[g,v].
   """
-  routing = (feature_ids if isinstance(feature_ids, Routing) else
-             route(feature_ids, strategy, max_segments))
+  routing = (
+      feature_ids
+      if isinstance(feature_ids, Routing)
+      else route(feature_ids, strategy, max_segments)
+  )
   if routing.ids.shape != x.shape[:2] + (space.num_groups,):
     raise ValueError(
         f"feature_ids shape {routing.ids.shape} does not match inputs "
-        f"{x.shape[:2]} x {space.num_groups} groups {space.group_names}.")
+        f"{x.shape[:2]} x {space.num_groups} groups {space.group_names}."
+    )
   if strategy == "segment":
     return _delta_segment(space, x, routing, adapters)
   if strategy == "gather":
@@ -297,8 +317,9 @@ class FlixDense(nn.Module):
   adapter_init: Initializer = default_adapter_init
 
   @nn.compact
-  def __call__(self, inputs: Array,
-               feature_ids: Union[None, Array, Routing] = None) -> Array:
+  def __call__(
+      self, inputs: Array, feature_ids: Union[None, Array, Routing] = None
+  ) -> Array:
     """Applies the layer.
 
     Args:
@@ -318,32 +339,48 @@ class FlixDense(nn.Module):
     # T5X initialises and stores the kernel flattened to 2-D, so fan-in is
     # prod(contracted axes).
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(self.kernel_init,
-                                               self.kernel_axes),
-        (d_in, d_out), jnp.float32)
+        "kernel",
+        nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+        (d_in, d_out),
+        jnp.float32,
+    )
     x = inputs.reshape(batch_shape + (d_in,)).astype(self.dtype)
     y = jnp.dot(x, jnp.asarray(kernel, self.dtype))
 
     if self.feature_space is not None:
       if feature_ids is None:
-        raise ValueError(f"{self.name}: this layer has FLix adapters and "
-                         "needs per-token feature_ids.")
+        raise ValueError(
+            f"{self.name}: this layer has FLix adapters and "
+            "needs per-token feature_ids."
+        )
       adapters = []
       for group in self.feature_space.groups:
         a = self.param(
             f"lora_a_{group.name}",
             nn.with_logical_partitioning(
-                self.adapter_init,
-                (VALUES_AXIS, self.kernel_axes[0], RANK_AXIS)),
-            (group.num_values, d_in, group.max_rank), jnp.float32)
+                self.adapter_init, (VALUES_AXIS, self.kernel_axes[0], RANK_AXIS)
+            ),
+            (group.num_values, d_in, group.max_rank),
+            jnp.float32,
+        )
         b = self.param(
             f"lora_b_{group.name}",
             nn.with_logical_partitioning(
                 nn.initializers.zeros,
-                (VALUES_AXIS, RANK_AXIS, self.kernel_axes[1])),
-            (group.num_values, group.max_rank, d_out), jnp.float32)
-        adapters.append((jnp.asarray(a, self.dtype),
-                         jnp.asarray(b, self.dtype)))
-      y = y + flix_delta(self.feature_space, x, feature_ids, adapters,
-                         self.strategy, self.max_segments).astype(y.dtype)
+                (VALUES_AXIS, RANK_AXIS, self.kernel_axes[1]),
+            ),
+            (group.num_values, group.max_rank, d_out),
+            jnp.float32,
+        )
+        adapters.append(
+            (jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
+        )
+      y = y + flix_delta(
+          self.feature_space,
+          x,
+          feature_ids,
+          adapters,
+          self.strategy,
+          self.max_segments,
+      ).astype(y.dtype)
     return y.reshape(batch_shape + features)

@@ -34,9 +34,13 @@ Batch = Mapping[str, Array]
 NUM_REAL_TARGET_TOKENS = "NUM_REAL_TARGET_TOKENS"
 
 
-def cross_entropy_with_z_loss(logits: Array, targets: Array, weights: Array,
-                              label_smoothing: float = 0.0,
-                              z_loss: float = 0.0):
+def cross_entropy_with_z_loss(
+    logits: Array,
+    targets: Array,
+    weights: Array,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+):
   """T5X's weighted cross entropy with label smoothing and z-loss.
 
   Args:
@@ -53,16 +57,25 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, weights: Array,
   confidence = 1.0 - label_smoothing
   low = label_smoothing / (vocab - 1)
   # Entropy of the smoothed target distribution, so a perfect model has 0 loss.
-  normalizing_constant = -(
-      confidence * np.log(confidence) +
-      (vocab - 1) * low * np.log(low + 1e-20)) if label_smoothing else 0.0
+  normalizing_constant = (
+      -(
+          confidence * np.log(confidence)
+          + (vocab - 1) * low * np.log(low + 1e-20)
+      )
+      if label_smoothing
+      else 0.0
+  )
   soft_targets = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
   log_z = jax.nn.logsumexp(logits, axis=-1)
   log_probs = logits - log_z[..., None]
-  token_loss = -jnp.sum(soft_targets * log_probs, axis=-1) - normalizing_constant
+  token_loss = (
+      -jnp.sum(soft_targets * log_probs, axis=-1) - normalizing_constant
+  )
   token_z_loss = z_loss * jnp.square(log_z)
-  return (jnp.sum((token_loss + token_z_loss) * weights),
-          jnp.sum(token_z_loss * weights))
+  return (
+      jnp.sum((token_loss + token_z_loss) * weights),
+      jnp.sum(token_z_loss * weights),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,28 +110,36 @@ class FlixModel:
 
   # ---- Parameters ----
 
-  def dummy_batch(self, batch_size: int, input_length: int,
-                  target_length: int) -> dict[str, np.ndarray]:
+  def dummy_batch(
+      self, batch_size: int, input_length: int, target_length: int
+  ) -> dict[str, np.ndarray]:
     groups = max(self.num_groups, 1)
     return {
         "encoder_input_tokens": np.ones((batch_size, input_length), np.int32),
         "decoder_input_tokens": np.ones((batch_size, target_length), np.int32),
-        "decoder_target_tokens": np.ones((batch_size, target_length),
-                                         np.int32),
-        "encoder_feature_ids": np.zeros((batch_size, input_length, groups),
-                                        np.int32),
-        "decoder_feature_ids": np.zeros((batch_size, target_length, groups),
-                                        np.int32),
+        "decoder_target_tokens": np.ones((batch_size, target_length), np.int32),
+        "encoder_feature_ids": np.zeros(
+            (batch_size, input_length, groups), np.int32
+        ),
+        "decoder_feature_ids": np.zeros(
+            (batch_size, target_length, groups), np.int32
+        ),
     }
 
-  def init_boxed(self, rng: Array, input_length: int = 8,
-                 target_length: int = 8) -> PyTree:
+  def init_boxed(
+      self, rng: Array, input_length: int = 8, target_length: int = 8
+  ) -> PyTree:
     """Initial params with their logical-partitioning boxes."""
     batch = self.dummy_batch(1, input_length, target_length)
     return self.module.init(
-        rng, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-        batch["decoder_target_tokens"], self._ids(batch, "encoder"),
-        self._ids(batch, "decoder"), enable_dropout=False)["params"]
+        rng,
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"],
+        self._ids(batch, "encoder"),
+        self._ids(batch, "decoder"),
+        enable_dropout=False,
+    )["params"]
 
   def init_params(self, rng: Array) -> PyTree:
     """Initial params as plain arrays (unboxed)."""
@@ -146,16 +167,25 @@ class FlixModel:
     if space is None or rng is None or not np.any(space.dropout_rates() > 0):
       return enc_ids, dec_ids
     num_slots = max(enc_ids.shape[1], dec_ids.shape[1]) + 1
-    keep = features_lib.sample_feature_keep(rng, enc_ids.shape[0], num_slots,
-                                            space.dropout_rates())
-    return (features_lib.apply_feature_keep(
-        enc_ids, keep, batch.get("encoder_segment_ids")),
-            features_lib.apply_feature_keep(
-                dec_ids, keep, batch.get("decoder_segment_ids")))
+    keep = features_lib.sample_feature_keep(
+        rng, enc_ids.shape[0], num_slots, space.dropout_rates()
+    )
+    return (
+        features_lib.apply_feature_keep(
+            enc_ids, keep, batch.get("encoder_segment_ids")
+        ),
+        features_lib.apply_feature_keep(
+            dec_ids, keep, batch.get("decoder_segment_ids")
+        ),
+    )
 
-  def compute_logits(self, params: PyTree, batch: Batch,
-                     dropout_rng: Optional[Array] = None,
-                     feature_rng: Optional[Array] = None) -> Array:
+  def compute_logits(
+      self,
+      params: PyTree,
+      batch: Batch,
+      dropout_rng: Optional[Array] = None,
+      feature_rng: Optional[Array] = None,
+  ) -> Array:
     """Teacher-forced logits, float32 [B, Ld, V]."""
     enc_ids, dec_ids = self._dropped_feature_ids(batch, feature_rng)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
@@ -171,11 +201,16 @@ class FlixModel:
         encoder_positions=batch.get("encoder_positions"),
         decoder_positions=batch.get("decoder_positions"),
         enable_dropout=dropout_rng is not None,
-        rngs=rngs)
+        rngs=rngs,
+    )
 
-  def loss_fn(self, params: PyTree, batch: Batch,
-              dropout_rng: Optional[Array] = None,
-              feature_rng: Optional[Array] = None):
+  def loss_fn(
+      self,
+      params: PyTree,
+      batch: Batch,
+      dropout_rng: Optional[Array] = None,
+      feature_rng: Optional[Array] = None,
+  ):
     """Training loss (dropout and feature dropout when rngs are given).
 
     Returns:
@@ -189,7 +224,8 @@ class FlixModel:
       weights = (targets > 0).astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     total, z_total = cross_entropy_with_z_loss(
-        logits, targets, weights, self.label_smoothing, self.z_loss)
+        logits, targets, weights, self.label_smoothing, self.z_loss
+    )
     weight_sum = jnp.sum(weights)
     if self.loss_normalizing_factor == NUM_REAL_TARGET_TOKENS:
       denominator = jnp.maximum(weight_sum, 1.0)
@@ -217,11 +253,19 @@ class FlixModel:
 
   # ---- Decoding ----
 
-  def predict_batch(self, params: PyTree, batch: Batch,
-                    max_decode_length: int, method: str = "greedy",
-                    beam_size: int = 4, temperature: float = 1.0,
-                    topk: int = 0, alpha: float = 0.6,
-                    rng: Optional[Array] = None, num_decodes: int = 1):
+  def predict_batch(
+      self,
+      params: PyTree,
+      batch: Batch,
+      max_decode_length: int,
+      method: str = "greedy",
+      beam_size: int = 4,
+      temperature: float = 1.0,
+      topk: int = 0,
+      alpha: float = 0.6,
+      rng: Optional[Array] = None,
+      num_decodes: int = 1,
+  ):
     """Decodes targets for the batch's inputs with the KV cache.
 
     Returns:
@@ -232,29 +276,52 @@ class FlixModel:
     enc_ids = self._ids(batch, "encoder")
     # Every decoding step of an example uses that example's features.
     example_ids = None if enc_ids is None else enc_ids[:, 0, :]  # [B, G]
-    encoded = self.module.apply({"params": params}, tokens, enc_ids,
-                                enable_dropout=False,
-                                method=network.Transformer.encode)
+    encoded = self.module.apply(
+        {"params": params},
+        tokens,
+        enc_ids,
+        enable_dropout=False,
+        method=network.Transformer.encode,
+    )
     fan_out = beam_size if method == "beam" else num_decodes
-    expand = lambda x: (None if x is None else
-                        decoding.flat_batch_beam_expand(x, fan_out))
+    expand = lambda x: (
+        None if x is None else decoding.flat_batch_beam_expand(x, fan_out)
+    )
     step_fn = decoding.model_tokens_to_logits(
-        self.module, params, expand(encoded), expand(tokens),
-        max_decode_length, encoder_feature_ids=expand(enc_ids),
-        decoder_feature_ids=expand(example_ids))
+        self.module,
+        params,
+        expand(encoded),
+        expand(tokens),
+        max_decode_length,
+        encoder_feature_ids=expand(enc_ids),
+        decoder_feature_ids=expand(example_ids),
+    )
     batch_size = tokens.shape[0]
-    cache = decoding.init_cache(self.module, self.config, batch_size,
-                                max_decode_length)
+    cache = decoding.init_cache(
+        self.module, self.config, batch_size, max_decode_length
+    )
     if method == "beam":
-      return decoding.beam_search(step_fn, cache, batch_size=batch_size,
-                                  max_decode_len=max_decode_length,
-                                  beam_size=beam_size, alpha=alpha)
+      return decoding.beam_search(
+          step_fn,
+          cache,
+          batch_size=batch_size,
+          max_decode_len=max_decode_length,
+          beam_size=beam_size,
+          alpha=alpha,
+      )
     if method == "greedy":
       temperature = 0.0
     elif method != "sample":
-      raise ValueError(f"Unknown decoding method {method!r}; use greedy, "
-                       "sample or beam.")
+      raise ValueError(
+          f"Unknown decoding method {method!r}; use greedy, " "sample or beam."
+      )
     return decoding.temperature_sample(
-        step_fn, cache, batch_size=batch_size,
-        max_decode_len=max_decode_length, rng=rng, temperature=temperature,
-        topk=topk, num_decodes=num_decodes)
+        step_fn,
+        cache,
+        batch_size=batch_size,
+        max_decode_len=max_decode_length,
+        rng=rng,
+        temperature=temperature,
+        topk=topk,
+        num_decodes=num_decodes,
+    )

@@ -22,7 +22,8 @@ LogicalRules = Sequence[tuple[str, Optional[str]]]
 
 
 def standard_logical_axis_rules(
-    additional_rules: LogicalRules = ()) -> tuple[tuple[str, Optional[str]], ...]:
+    additional_rules: LogicalRules = (),
+) -> tuple[tuple[str, Optional[str]], ...]:
   """T5X's 1-D activation / 1-D parameter partitioning rules plus FLix axes."""
   return tuple(additional_rules) + (
       ("batch", "data"),
@@ -43,21 +44,25 @@ def standard_logical_axis_rules(
   )
 
 
-def make_mesh(num_partitions: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(
+    num_partitions: int = 1, devices: Optional[Sequence[jax.Device]] = None
+) -> Mesh:
   """A ('data', 'model') mesh with `num_partitions` devices on 'model'."""
   devices = list(devices if devices is not None else jax.devices())
   if len(devices) % num_partitions:
     raise ValueError(
         f"num_partitions={num_partitions} does not divide the "
-        f"{len(devices)} devices.")
-  grid = np.array(devices).reshape(len(devices) // num_partitions,
-                                   num_partitions)
+        f"{len(devices)} devices."
+    )
+  grid = np.array(devices).reshape(
+      len(devices) // num_partitions, num_partitions
+  )
   return Mesh(grid, ("data", "model"))
 
 
-def logical_to_sharding(logical_specs: PyTree, mesh: Mesh,
-                        rules: LogicalRules) -> PyTree:
+def logical_to_sharding(
+    logical_specs: PyTree, mesh: Mesh, rules: LogicalRules
+) -> PyTree:
   """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
 
@@ -74,5 +79,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   data = mesh.shape["data"]
   if batch_size % data:
-    raise ValueError(f"Batch size {batch_size} is not divisible by the "
-                     f"{data} data-parallel devices of the mesh.")
+    raise ValueError(
+        f"Batch size {batch_size} is not divisible by the "
+        f"{data} data-parallel devices of the mesh."
+    )

@@ -49,7 +49,7 @@ PyTree = Any
 DTypeLike = Any
 Params = dict[str, Any]
 
-CHECKPOINT_FILENAME = 'checkpoint'
+CHECKPOINT_FILENAME = "checkpoint"
 # Default zarr chunk size target of T5X (64 MiB).
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20
 # Leaves with at most this many elements are written inline by default.
@@ -60,15 +60,16 @@ _EXT_NDARRAY = 1
 _EXT_NATIVE_COMPLEX = 2
 _EXT_NPSCALAR = 3
 # Marker of flax's chunked encoding of arrays larger than 1 GiB.
-_CHUNKED_ARRAY_KEY = '__msgpack_chunked_array__'
+_CHUNKED_ARRAY_KEY = "__msgpack_chunked_array__"
 
-_URL_RE = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 _FORMAT_HELP = (
-    'A legacy T5X checkpoint is a directory such as `.../checkpoint_1000000` '
+    "A legacy T5X checkpoint is a directory such as `.../checkpoint_1000000` "
     "containing a msgpack file named 'checkpoint' and one zarr folder per "
     "large parameter (e.g. 'target.encoder.layers_0.attention.query.kernel/'); "
-    "pass that directory or the path of its 'checkpoint' file.")
+    "pass that directory or the path of its 'checkpoint' file."
+)
 
 
 # ------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ _FORMAT_HELP = (
 # ------------------------------------------------------------------------------
 
 
-def flatten_params(tree: Mapping[str, Any], sep: str = '/') -> dict[str, Any]:
+def flatten_params(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
   """Flattens a nested dict into `{'a/b/c': leaf}`.
 
   Args:
@@ -91,17 +92,17 @@ def flatten_params(tree: Mapping[str, Any], sep: str = '/') -> dict[str, Any]:
 
   def _walk(node: Mapping[str, Any], prefix: str) -> None:
     for key, value in node.items():
-      path = f'{prefix}{sep}{key}' if prefix else str(key)
+      path = f"{prefix}{sep}{key}" if prefix else str(key)
       if isinstance(value, Mapping):
         _walk(value, path)
       else:
         flat[path] = value
 
-  _walk(tree, '')
+  _walk(tree, "")
   return flat
 
 
-def unflatten_params(flat: Mapping[str, Any], sep: str = '/') -> Params:
+def unflatten_params(flat: Mapping[str, Any], sep: str = "/") -> Params:
   """Inverse of `flatten_params`: `{'a/b/c': leaf}` -> nested dicts.
 
   Args:
@@ -121,12 +122,16 @@ def unflatten_params(flat: Mapping[str, Any], sep: str = '/') -> Params:
     for i, key in enumerate(keys[:-1]):
       child = node.setdefault(key, {})
       if not isinstance(child, dict):
-        raise ValueError(f'{sep.join(keys[:i + 1])!r} is both a leaf and a '
-                         f'prefix of {path!r}.')
+        raise ValueError(
+            f"{sep.join(keys[:i + 1])!r} is both a leaf and a "
+            f"prefix of {path!r}."
+        )
       node = child
     if keys[-1] in node:
-      raise ValueError(f'{path!r} is both a leaf and a prefix of another path '
-                       '(or is duplicated).')
+      raise ValueError(
+          f"{path!r} is both a leaf and a prefix of another path "
+          "(or is duplicated)."
+      )
     node[keys[-1]] = value
   return tree
 
@@ -139,8 +144,8 @@ def unflatten_params(flat: Mapping[str, Any], sep: str = '/') -> Params:
 def _dtype_from_name(name: Union[str, bytes]) -> np.dtype:
   """Returns the numpy dtype of a numpy/zarr dtype name ('bfloat16' too)."""
   if isinstance(name, bytes):
-    name = name.decode('ascii')
-  if name == 'bfloat16':
+    name = name.decode("ascii")
+  if name == "bfloat16":
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(name)
 
@@ -148,9 +153,9 @@ def _dtype_from_name(name: Union[str, bytes]) -> np.dtype:
 def _zarr_dtype_name(dtype: np.dtype) -> str:
   """The zarr v2 `.zarray` dtype string of `dtype` (T5X spells bf16 out)."""
   if dtype == ml_dtypes.bfloat16:
-    return 'bfloat16'
-  if dtype.kind == 'V' or dtype.hasobject:
-    raise ValueError(f'Unsupported dtype for a zarr array: {dtype}.')
+    return "bfloat16"
+  if dtype.kind == "V" or dtype.hasobject:
+    raise ValueError(f"Unsupported dtype for a zarr array: {dtype}.")
   return dtype.str
 
 
@@ -176,8 +181,8 @@ def _unchunk_in_place(node: Any) -> Any:
   if not isinstance(node, dict):
     return node
   if _CHUNKED_ARRAY_KEY in node:
-    shape = tuple(node['shape'][str(i)] for i in range(len(node['shape'])))
-    chunks = [node['chunks'][str(i)] for i in range(len(node['chunks']))]
+    shape = tuple(node["shape"][str(i)] for i in range(len(node["shape"])))
+    chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
     return np.concatenate(chunks).reshape(shape)
   for key, value in node.items():
     node[key] = _unchunk_in_place(value)
@@ -188,16 +193,17 @@ def _ext_default(obj: Any) -> Any:
   """msgpack `default` hook writing numpy values as flax ext types."""
 
   def _pack(arr: np.ndarray) -> bytes:
-    return msgpack.packb((list(arr.shape), arr.dtype.name, arr.tobytes('C')),
-                         use_bin_type=True)
+    return msgpack.packb(
+        (list(arr.shape), arr.dtype.name, arr.tobytes("C")), use_bin_type=True
+    )
 
   if isinstance(obj, np.ndarray):
     return msgpack.ExtType(_EXT_NDARRAY, _pack(obj))
   if isinstance(obj, np.generic):
     return msgpack.ExtType(_EXT_NPSCALAR, _pack(np.asarray(obj)))
-  if hasattr(obj, '__array__'):  # jax.Array and friends.
+  if hasattr(obj, "__array__"):  # jax.Array and friends.
     return msgpack.ExtType(_EXT_NDARRAY, _pack(np.asarray(obj)))
-  raise TypeError(f'Cannot msgpack-serialize {type(obj)}.')
+  raise TypeError(f"Cannot msgpack-serialize {type(obj)}.")
 
 
 # ------------------------------------------------------------------------------
@@ -211,7 +217,7 @@ def _is_url(path: str) -> bool:
 
 def _join(directory: str, name: str) -> str:
   if _is_url(directory):
-    return directory.rstrip('/') + '/' + name
+    return directory.rstrip("/") + "/" + name
   return os.path.join(directory, name)
 
 
@@ -219,43 +225,48 @@ def _read_url_bytes(url: str) -> bytes:
   """Reads one object through TensorStore's kvstore (gs://, file://, ...)."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
 
-  parent, name = url.rstrip('/').rsplit('/', 1)
-  result = ts.KvStore.open(parent + '/').result().read(name).result()
-  if result.state != 'value':
-    raise FileNotFoundError(f'No T5X checkpoint at {url!r}. {_FORMAT_HELP}')
+  parent, name = url.rstrip("/").rsplit("/", 1)
+  result = ts.KvStore.open(parent + "/").result().read(name).result()
+  if result.state != "value":
+    raise FileNotFoundError(f"No T5X checkpoint at {url!r}. {_FORMAT_HELP}")
   return bytes(result.value)
 
 
 def _missing_checkpoint_error(path: str) -> FileNotFoundError:
   """Builds a helpful FileNotFoundError for a path that is not a checkpoint."""
-  hint = ''
+  hint = ""
   if os.path.isdir(path):
     entries = sorted(os.listdir(path))
-    steps = [e for e in entries if re.fullmatch(r'checkpoint_\d+', e)]
+    steps = [e for e in entries if re.fullmatch(r"checkpoint_\d+", e)]
     if steps:
-      hint = (' It looks like a model directory; pass one of its checkpoint '
-              f'directories, e.g. {os.path.join(path, steps[-1])!r}.')
-    elif 'state' in entries or '_CHECKPOINT_METADATA' in entries:
-      hint = (' It looks like an Orbax checkpoint, which this reader does not '
-              'support.')
+      hint = (
+          " It looks like a model directory; pass one of its checkpoint "
+          f"directories, e.g. {os.path.join(path, steps[-1])!r}."
+      )
+    elif "state" in entries or "_CHECKPOINT_METADATA" in entries:
+      hint = (
+          " It looks like an Orbax checkpoint, which this reader does not "
+          "support."
+      )
     else:
-      hint = f' It contains {entries[:10]}.'
+      hint = f" It contains {entries[:10]}."
   if os.path.isdir(path):
     problem = f"the directory has no '{CHECKPOINT_FILENAME}' file."
   else:
-    problem = 'the path does not exist.'
+    problem = "the path does not exist."
   return FileNotFoundError(
-      f'No T5X checkpoint at {path!r}: {problem}{hint} {_FORMAT_HELP}')
+      f"No T5X checkpoint at {path!r}: {problem}{hint} {_FORMAT_HELP}"
+  )
 
 
 def _resolve_checkpoint(path: str) -> tuple[str, str]:
   """Returns (checkpoint dir, msgpack file path) for a dir or file path."""
   path = os.fspath(path)
   if _is_url(path):
-    if path.rstrip('/').endswith('/' + CHECKPOINT_FILENAME):
-      file_path = path.rstrip('/')
-      return file_path.rsplit('/', 1)[0], file_path
-    return path.rstrip('/'), _join(path, CHECKPOINT_FILENAME)
+    if path.rstrip("/").endswith("/" + CHECKPOINT_FILENAME):
+      file_path = path.rstrip("/")
+      return file_path.rsplit("/", 1)[0], file_path
+    return path.rstrip("/"), _join(path, CHECKPOINT_FILENAME)
   if os.path.isfile(path):
     return os.path.dirname(os.path.abspath(path)), path
   file_path = os.path.join(path, CHECKPOINT_FILENAME)
@@ -270,21 +281,27 @@ def _load_msgpack(path: str) -> tuple[str, dict[str, Any]]:
   if _is_url(file_path):
     data = _read_url_bytes(file_path)
   else:
-    with open(file_path, 'rb') as f:
+    with open(file_path, "rb") as f:
       data = f.read()
-  if data.startswith(b'model_checkpoint_path'):
-    raise ValueError(f'{file_path!r} is a TensorFlow checkpoint index, not a '
-                     f'T5X msgpack checkpoint. {_FORMAT_HELP}')
+  if data.startswith(b"model_checkpoint_path"):
+    raise ValueError(
+        f"{file_path!r} is a TensorFlow checkpoint index, not a "
+        f"T5X msgpack checkpoint. {_FORMAT_HELP}"
+    )
   try:
-    contents = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False,
-                               strict_map_key=False)
+    contents = msgpack.unpackb(
+        data, ext_hook=_ext_hook, raw=False, strict_map_key=False
+    )
   except (msgpack.UnpackException, ValueError) as e:
-    raise ValueError(f'{file_path!r} is not a msgpack T5X checkpoint file: '
-                     f'{e}') from e
-  if not isinstance(contents, dict) or 'optimizer' not in contents:
+    raise ValueError(
+        f"{file_path!r} is not a msgpack T5X checkpoint file: " f"{e}"
+    ) from e
+  if not isinstance(contents, dict) or "optimizer" not in contents:
     keys = list(contents) if isinstance(contents, dict) else type(contents)
-    raise ValueError(f"{file_path!r} has no 'optimizer' entry (found {keys}); "
-                     f'not a legacy T5X checkpoint. {_FORMAT_HELP}')
+    raise ValueError(
+        f"{file_path!r} has no 'optimizer' entry (found {keys}); "
+        f"not a legacy T5X checkpoint. {_FORMAT_HELP}"
+    )
   return ckpt_dir, _unchunk_in_place(contents)
 
 
@@ -293,17 +310,20 @@ def _load_msgpack(path: str) -> tuple[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------
 
 
-def _decompress(data: bytes, compressor: Optional[Mapping[str, Any]],
-                chunk_path: str) -> bytes:
+def _decompress(
+    data: bytes, compressor: Optional[Mapping[str, Any]], chunk_path: str
+) -> bytes:
   if compressor is None:
     return data
-  codec = compressor.get('id')
-  if codec == 'gzip':
+  codec = compressor.get("id")
+  if codec == "gzip":
     return gzip.decompress(data)
-  if codec == 'zlib':
+  if codec == "zlib":
     return zlib.decompress(data)
-  raise ValueError(f'{chunk_path}: unsupported zarr compressor {compressor!r} '
-                   "(supported: 'gzip', 'zlib', null).")
+  raise ValueError(
+      f"{chunk_path}: unsupported zarr compressor {compressor!r} "
+      "(supported: 'gzip', 'zlib', null)."
+  )
 
 
 def _fill_value(value: Any) -> Any:
@@ -311,7 +331,7 @@ def _fill_value(value: Any) -> Any:
   if value is None:
     return 0
   if isinstance(value, str):  # 'NaN', 'Infinity', '-Infinity'.
-    return float(value.replace('Infinity', 'inf'))
+    return float(value.replace("Infinity", "inf"))
   return value
 
 
@@ -331,47 +351,52 @@ def read_zarr_array(directory: str) -> np.ndarray:
     FileNotFoundError: if `directory/.zarray` does not exist.
     ValueError: for unsupported metadata or corrupt chunks.
   """
-  meta_path = os.path.join(directory, '.zarray')
+  meta_path = os.path.join(directory, ".zarray")
   if not os.path.isfile(meta_path):
-    raise FileNotFoundError(f'No zarr array at {directory!r} (missing '
-                            f"'.zarray').")
+    raise FileNotFoundError(
+        f"No zarr array at {directory!r} (missing " f"'.zarray')."
+    )
   with open(meta_path) as f:
     meta = json.load(f)
-  if meta.get('zarr_format', 2) != 2:
-    raise ValueError(f'{meta_path}: only zarr_format 2 is supported.')
-  if meta.get('filters'):
-    raise ValueError(f'{meta_path}: zarr filters are not supported.')
-  shape = tuple(meta['shape'])
-  chunks = tuple(meta['chunks'])
-  dtype = _dtype_from_name(meta['dtype'])
-  order = meta.get('order', 'C')
-  sep = meta.get('dimension_separator', '.')
-  compressor = meta.get('compressor')
-  out = np.full(shape, _fill_value(meta.get('fill_value')), dtype=dtype)
+  if meta.get("zarr_format", 2) != 2:
+    raise ValueError(f"{meta_path}: only zarr_format 2 is supported.")
+  if meta.get("filters"):
+    raise ValueError(f"{meta_path}: zarr filters are not supported.")
+  shape = tuple(meta["shape"])
+  chunks = tuple(meta["chunks"])
+  dtype = _dtype_from_name(meta["dtype"])
+  order = meta.get("order", "C")
+  sep = meta.get("dimension_separator", ".")
+  compressor = meta.get("compressor")
+  out = np.full(shape, _fill_value(meta.get("fill_value")), dtype=dtype)
   if out.size == 0:
     return out
   chunk_size = math.prod(chunks) * dtype.itemsize
   grid = [range(math.ceil(s / c)) for s, c in zip(shape, chunks)]
   for index in itertools.product(*grid):
-    key = sep.join(str(i) for i in index) if index else '0'
+    key = sep.join(str(i) for i in index) if index else "0"
     chunk_path = os.path.join(directory, key)
     if not os.path.isfile(chunk_path):
       continue  # zarr semantics: an absent chunk is all fill value.
-    with open(chunk_path, 'rb') as f:
+    with open(chunk_path, "rb") as f:
       raw = _decompress(f.read(), compressor, chunk_path)
     if len(raw) != chunk_size:
-      raise ValueError(f'{chunk_path}: expected {chunk_size} bytes for a '
-                       f'{chunks} chunk of {dtype}, got {len(raw)}.')
+      raise ValueError(
+          f"{chunk_path}: expected {chunk_size} bytes for a "
+          f"{chunks} chunk of {dtype}, got {len(raw)}."
+      )
     chunk = np.frombuffer(raw, dtype=dtype).reshape(chunks, order=order)
     starts = [i * c for i, c in zip(index, chunks)]
-    region = tuple(slice(b, min(b + c, s))
-                   for b, c, s in zip(starts, chunks, shape))
+    region = tuple(
+        slice(b, min(b + c, s)) for b, c, s in zip(starts, chunks, shape)
+    )
     out[region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
   return out
 
 
-def _default_chunks(shape: tuple[int, ...], itemsize: int,
-                    max_chunk_bytes: int) -> tuple[int, ...]:
+def _default_chunks(
+    shape: tuple[int, ...], itemsize: int, max_chunk_bytes: int
+) -> tuple[int, ...]:
   """Halves the largest chunk dimension until a chunk fits the byte budget."""
   chunks = [max(1, s) for s in shape]
   while math.prod(chunks) * itemsize > max_chunk_bytes and max(chunks) > 1:
@@ -380,11 +405,13 @@ def _default_chunks(shape: tuple[int, ...], itemsize: int,
   return tuple(chunks)
 
 
-def write_zarr_array(array: np.ndarray,
-                     directory: str,
-                     chunks: Optional[tuple[int, ...]] = None,
-                     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-                     compression_level: int = 1) -> dict[str, Any]:
+def write_zarr_array(
+    array: np.ndarray,
+    directory: str,
+    chunks: Optional[tuple[int, ...]] = None,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    compression_level: int = 1,
+) -> dict[str, Any]:
   """Writes `array` as a gzip-compressed zarr v2 folder (T5X's layout).
 
   Args:
@@ -405,31 +432,36 @@ def write_zarr_array(array: np.ndarray,
     chunks = _default_chunks(shape, array.dtype.itemsize, max_chunk_bytes)
   chunks = tuple(int(c) for c in chunks)
   if len(chunks) != len(shape) or any(c < 1 for c in chunks):
-    raise ValueError(f'Bad chunk shape {chunks} for an array of shape {shape}.')
+    raise ValueError(f"Bad chunk shape {chunks} for an array of shape {shape}.")
   meta = {
-      'chunks': list(chunks),
-      'compressor': {'id': 'gzip', 'level': compression_level},
-      'dtype': _zarr_dtype_name(array.dtype),
-      'fill_value': None,
-      'filters': None,
-      'order': 'C',
-      'shape': list(shape),
-      'zarr_format': 2,
+      "chunks": list(chunks),
+      "compressor": {"id": "gzip", "level": compression_level},
+      "dtype": _zarr_dtype_name(array.dtype),
+      "fill_value": None,
+      "filters": None,
+      "order": "C",
+      "shape": list(shape),
+      "zarr_format": 2,
   }
   os.makedirs(directory)
-  with open(os.path.join(directory, '.zarray'), 'w') as f:
+  with open(os.path.join(directory, ".zarray"), "w") as f:
     json.dump(meta, f, sort_keys=True)
   grid = [range(math.ceil(s / c)) for s, c in zip(shape, chunks)]
   for index in itertools.product(*grid):
-    region = tuple(slice(i * c, min((i + 1) * c, s))
-                   for i, c, s in zip(index, chunks, shape))
+    region = tuple(
+        slice(i * c, min((i + 1) * c, s))
+        for i, c, s in zip(index, chunks, shape)
+    )
     chunk = np.zeros(chunks, dtype=array.dtype)  # Edge chunks stored padded.
     chunk[tuple(slice(0, r.stop - r.start) for r in region)] = array[region]
-    key = '.'.join(str(i) for i in index) if index else '0'
-    with open(os.path.join(directory, key), 'wb') as f:
-      f.write(gzip.compress(chunk.tobytes('C'), compresslevel=compression_level,
-                            mtime=0))
-  return {k: meta[k] for k in ('chunks', 'compressor', 'dtype', 'shape')}
+    key = ".".join(str(i) for i in index) if index else "0"
+    with open(os.path.join(directory, key), "wb") as f:
+      f.write(
+          gzip.compress(
+              chunk.tobytes("C"), compresslevel=compression_level, mtime=0
+          )
+      )
+  return {k: meta[k] for k in ("chunks", "compressor", "dtype", "shape")}
 
 
 def _read_zarr_with_tensorstore(url: str) -> np.ndarray:
@@ -441,8 +473,9 @@ def _read_zarr_with_tensorstore(url: str) -> np.ndarray:
   """
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
 
-  store = ts.open({'driver': 'zarr', 'kvstore': url.rstrip('/') + '/',
-                   'open': True}).result()
+  store = ts.open(
+      {"driver": "zarr", "kvstore": url.rstrip("/") + "/", "open": True}
+  ).result()
   return np.asarray(store.read().result())
 
 
@@ -452,35 +485,40 @@ def _read_zarr_with_tensorstore(url: str) -> np.ndarray:
 
 
 def _is_ts_spec(node: Any) -> bool:
-  return (isinstance(node, Mapping) and 'driver' in node and
-          ('kvstore' in node or 'path' in node))
+  return (
+      isinstance(node, Mapping)
+      and "driver" in node
+      and ("kvstore" in node or "path" in node)
+  )
 
 
 def _leaf_location(ckpt_dir: str, spec: Mapping[str, Any]) -> str:
   """Where a TensorStore-spec leaf's zarr folder is (local path or URL)."""
-  kvstore = spec.get('kvstore')
+  kvstore = spec.get("kvstore")
   if isinstance(kvstore, str):  # Already a URL / path.
     return kvstore if _is_url(kvstore) else _join(ckpt_dir, kvstore)
-  rel = (kvstore or {}).get('path', spec.get('path'))  # Old specs: top level.
+  rel = (kvstore or {}).get("path", spec.get("path"))  # Old specs: top level.
   if rel is None:
-    raise ValueError(f'TensorStore spec without a path: {spec!r}.')
+    raise ValueError(f"TensorStore spec without a path: {spec!r}.")
   if _is_url(rel) or (os.path.isabs(rel) and not _is_url(ckpt_dir)):
     return rel  # Like T5X: an absolute path is used as is.
   return _join(ckpt_dir, rel)
 
 
 def _cast(array: np.ndarray, restore_dtype: Optional[DTypeLike]) -> np.ndarray:
-  if restore_dtype is not None and (np.issubdtype(array.dtype, np.floating) or
-                                    array.dtype == ml_dtypes.bfloat16):
+  if restore_dtype is not None and (
+      np.issubdtype(array.dtype, np.floating)
+      or array.dtype == ml_dtypes.bfloat16
+  ):
     array = array.astype(restore_dtype, copy=False)
   if not array.flags.writeable:
     array = array.copy()
   return array
 
 
-def read_t5x_checkpoint(path: str,
-                        restore_dtype: Optional[DTypeLike] = np.float32
-                       ) -> Params:
+def read_t5x_checkpoint(
+    path: str, restore_dtype: Optional[DTypeLike] = np.float32
+) -> Params:
   """Reads the parameters (`optimizer/target`) of a legacy T5X checkpoint.
 
   Args:
@@ -500,7 +538,7 @@ def read_t5x_checkpoint(path: str,
     ValueError: if the file is not a legacy T5X msgpack checkpoint.
   """
   ckpt_dir, contents = _load_msgpack(path)
-  target = contents['optimizer'].get('target')
+  target = contents["optimizer"].get("target")
   if not isinstance(target, Mapping):
     raise ValueError(f"Checkpoint {path!r} has no 'optimizer/target' tree.")
 
@@ -512,18 +550,21 @@ def read_t5x_checkpoint(path: str,
       else:
         if not os.path.isdir(location):
           raise FileNotFoundError(
-              f'Parameter {param_path!r} of checkpoint {path!r} is stored in '
-              f'the zarr folder {location!r}, which does not exist (the '
-              'checkpoint directory is incomplete or was copied without its '
-              'array folders).')
+              f"Parameter {param_path!r} of checkpoint {path!r} is stored in "
+              f"the zarr folder {location!r}, which does not exist (the "
+              "checkpoint directory is incomplete or was copied without its "
+              "array folders)."
+          )
         array = read_zarr_array(location)
       return _cast(array, restore_dtype)
     if isinstance(node, Mapping):
-      return {k: _restore(v, f'{param_path}/{k}' if param_path else k)
-              for k, v in node.items()}
+      return {
+          k: _restore(v, f"{param_path}/{k}" if param_path else k)
+          for k, v in node.items()
+      }
     return _cast(np.asarray(node), restore_dtype)
 
-  return _restore(target, '')
+  return _restore(target, "")
 
 
 def read_t5x_step(path: str) -> int:
@@ -540,14 +581,15 @@ def read_t5x_step(path: str) -> int:
     ValueError: if no step is stored and the directory name has none.
   """
   ckpt_dir, contents = _load_msgpack(path)
-  state = contents['optimizer'].get('state')
-  if isinstance(state, Mapping) and state.get('step') is not None:
-    return int(np.asarray(state['step']))
-  match = re.fullmatch(r'checkpoint_(\d+)', os.path.basename(
-      ckpt_dir.rstrip('/')))
+  state = contents["optimizer"].get("state")
+  if isinstance(state, Mapping) and state.get("step") is not None:
+    return int(np.asarray(state["step"]))
+  match = re.fullmatch(
+      r"checkpoint_(\d+)", os.path.basename(ckpt_dir.rstrip("/"))
+  )
   if match:
     return int(match.group(1))
-  raise ValueError(f'Checkpoint {path!r} stores no step.')
+  raise ValueError(f"Checkpoint {path!r} stores no step.")
 
 
 # ------------------------------------------------------------------------------
@@ -555,13 +597,15 @@ def read_t5x_step(path: str) -> int:
 # ------------------------------------------------------------------------------
 
 
-def write_t5x_checkpoint(params: Mapping[str, Any],
-                         path: str,
-                         step: int = 0,
-                         inline_max_size: int = DEFAULT_INLINE_MAX_SIZE,
-                         *,
-                         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-                         overwrite: bool = False) -> str:
+def write_t5x_checkpoint(
+    params: Mapping[str, Any],
+    path: str,
+    step: int = 0,
+    inline_max_size: int = DEFAULT_INLINE_MAX_SIZE,
+    *,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    overwrite: bool = False,
+) -> str:
   """Writes `params` as a legacy T5X checkpoint directory.
 
   The msgpack file holds `{'version': 3, 'optimizer': {'target': ..., 'state':
@@ -589,8 +633,8 @@ def write_t5x_checkpoint(params: Mapping[str, Any],
   """
   path = os.fspath(path)
   if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path!r} already exists.')
-  tmp_dir = f'{path.rstrip(os.sep)}.tmp-{int(time.time() * 1e6)}'
+    raise FileExistsError(f"{path!r} already exists.")
+  tmp_dir = f"{path.rstrip(os.sep)}.tmp-{int(time.time() * 1e6)}"
   os.makedirs(tmp_dir)
   try:
 
@@ -598,32 +642,43 @@ def write_t5x_checkpoint(params: Mapping[str, Any],
       if isinstance(node, Mapping):
         out = {}
         for key, value in node.items():
-          if not isinstance(key, str) or not key or '/' in key or '.' in key:
-            raise ValueError(f'Bad parameter key {key!r} under '
-                             f"{'/'.join(keys)!r}: keys must be non-empty "
-                             "strings without '/' or '.'.")
+          if not isinstance(key, str) or not key or "/" in key or "." in key:
+            raise ValueError(
+                f"Bad parameter key {key!r} under "
+                f"{'/'.join(keys)!r}: keys must be non-empty "
+                "strings without '/' or '.'."
+            )
           out[key] = _encode(value, keys + (key,))
         return out
       array = np.asarray(node)
       if array.size <= inline_max_size:
         return array
-      name = '.'.join(('target',) + keys)
-      metadata = write_zarr_array(array, os.path.join(tmp_dir, name),
-                                  max_chunk_bytes=max_chunk_bytes)
-      return {'driver': 'zarr',
-              'kvstore': {'driver': 'file', 'path': name},
-              'metadata': metadata}
+      name = ".".join(("target",) + keys)
+      metadata = write_zarr_array(
+          array, os.path.join(tmp_dir, name), max_chunk_bytes=max_chunk_bytes
+      )
+      return {
+          "driver": "zarr",
+          "kvstore": {"driver": "file", "path": name},
+          "metadata": metadata,
+      }
 
     contents = {
-        'version': 3,
-        'optimizer': {
-            'target': _encode(params, ()),
-            'state': {'step': np.asarray(step, np.int32), 'param_states': {}},
+        "version": 3,
+        "optimizer": {
+            "target": _encode(params, ()),
+            "state": {"step": np.asarray(step, np.int32), "param_states": {}},
         },
     }
-    with open(os.path.join(tmp_dir, CHECKPOINT_FILENAME), 'wb') as f:
-      f.write(msgpack.packb(contents, default=_ext_default, use_bin_type=True,
-                            strict_types=True))
+    with open(os.path.join(tmp_dir, CHECKPOINT_FILENAME), "wb") as f:
+      f.write(
+          msgpack.packb(
+              contents,
+              default=_ext_default,
+              use_bin_type=True,
+              strict_types=True,
+          )
+      )
     if os.path.exists(path):
       shutil.rmtree(path)
     os.rename(tmp_dir, path)

@@ -3,7 +3,6 @@
 Binds `flix.trainer.train` through gin, as T5X's train.py binds its train().
 """
 
-
 from flix import gin_utils
 from flix import trainer
 

@@ -32,15 +32,19 @@ def split_params(params: PyTree, trainable_patterns: Sequence[str]):
   """Splits a nested param dict into (trainable, frozen) nested dicts."""
   regexes = [re.compile(p) for p in trainable_patterns]
   flat = traverse_util.flatten_dict(params, sep="/")
-  trainable = {k: v for k, v in flat.items()
-               if any(r.fullmatch(k) for r in regexes)}
+  trainable = {
+      k: v for k, v in flat.items() if any(r.fullmatch(k) for r in regexes)
+  }
   if not trainable:
     raise ValueError(
         f"No parameter matches the trainable patterns {list(trainable_patterns)}"
-        f"; e.g. paths are {list(flat)[:3]}.")
+        f"; e.g. paths are {list(flat)[:3]}."
+    )
   frozen = {k: v for k, v in flat.items() if k not in trainable}
-  return (traverse_util.unflatten_dict(trainable, sep="/"),
-          traverse_util.unflatten_dict(frozen, sep="/"))
+  return (
+      traverse_util.unflatten_dict(trainable, sep="/"),
+      traverse_util.unflatten_dict(frozen, sep="/"),
+  )
 
 
 def merge_params(trainable: PyTree, frozen: PyTree) -> PyTree:
@@ -56,10 +60,12 @@ def count_params(tree: PyTree) -> int:
 # ---- Optimizer ----
 
 
-def learning_rate_schedule(base_learning_rate: float = 1e-3,
-                           schedule: str = "constant",
-                           warmup_steps: int = 0,
-                           total_steps: int = 0) -> optax.Schedule:
+def learning_rate_schedule(
+    base_learning_rate: float = 1e-3,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int = 0,
+) -> optax.Schedule:
   """T5X-style schedules: constant, rsqrt (T5 pre-training), linear, cosine.
 
   All start with a linear warmup of `warmup_steps` (none if 0).
@@ -68,31 +74,38 @@ def learning_rate_schedule(base_learning_rate: float = 1e-3,
     main = optax.constant_schedule(base_learning_rate)
   elif schedule == "rsqrt":
     offset = max(warmup_steps, 1)
-    main = lambda step: base_learning_rate * jnp.sqrt(offset / jnp.maximum(
-        step + offset, 1.0))
+    main = lambda step: base_learning_rate * jnp.sqrt(
+        offset / jnp.maximum(step + offset, 1.0)
+    )
   elif schedule == "linear":
-    main = optax.linear_schedule(base_learning_rate, 0.0,
-                                 max(total_steps - warmup_steps, 1))
+    main = optax.linear_schedule(
+        base_learning_rate, 0.0, max(total_steps - warmup_steps, 1)
+    )
   elif schedule == "cosine":
-    main = optax.cosine_decay_schedule(base_learning_rate,
-                                       max(total_steps - warmup_steps, 1))
+    main = optax.cosine_decay_schedule(
+        base_learning_rate, max(total_steps - warmup_steps, 1)
+    )
   else:
-    raise ValueError(f"Unknown learning rate schedule {schedule!r}; use "
-                     "constant, rsqrt, linear or cosine.")
+    raise ValueError(
+        f"Unknown learning rate schedule {schedule!r}; use "
+        "constant, rsqrt, linear or cosine."
+    )
   if warmup_steps <= 0:
     return main
   warmup = optax.linear_schedule(0.0, base_learning_rate, warmup_steps)
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-def make_optimizer(learning_rate: optax.ScalarOrSchedule = 1e-3,
-                   name: str = "adafactor",
-                   weight_decay: float = 0.0,
-                   clip_norm: Optional[float] = None,
-                   decay_rate: float = 0.8,
-                   multiply_by_parameter_scale: bool = False,
-                   b1: float = 0.9,
-                   b2: float = 0.999) -> optax.GradientTransformation:
+def make_optimizer(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    name: str = "adafactor",
+    weight_decay: float = 0.0,
+    clip_norm: Optional[float] = None,
+    decay_rate: float = 0.8,
+    multiply_by_parameter_scale: bool = False,
+    b1: float = 0.9,
+    b2: float = 0.999,
+) -> optax.GradientTransformation:
   """Adafactor (T5X's default; decay 0.8) or AdamW.
 
   `multiply_by_parameter_scale` defaults to False: with LoRA's zero-initialised
@@ -100,9 +113,11 @@ def make_optimizer(learning_rate: optax.ScalarOrSchedule = 1e-3,
   """
   if name == "adafactor":
     tx = optax.adafactor(
-        learning_rate, decay_rate=decay_rate,
+        learning_rate,
+        decay_rate=decay_rate,
         multiply_by_parameter_scale=multiply_by_parameter_scale,
-        weight_decay_rate=weight_decay or None)
+        weight_decay_rate=weight_decay or None,
+    )
   elif name == "adamw":
     tx = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
   elif name == "sgd":
@@ -138,25 +153,38 @@ class TrainState:
     return merge_params(self.trainable, self.frozen)
 
 
-def create_train_state(params: PyTree, tx: optax.GradientTransformation,
-                       trainable_patterns: Sequence[str]) -> TrainState:
+def create_train_state(
+    params: PyTree,
+    tx: optax.GradientTransformation,
+    trainable_patterns: Sequence[str],
+) -> TrainState:
   trainable, frozen = split_params(params, trainable_patterns)
-  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                    frozen=frozen, opt_state=tx.init(trainable))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      trainable=trainable,
+      frozen=frozen,
+      opt_state=tx.init(trainable),
+  )
 
 
 def _split_microbatches(batch: Mapping[str, jax.Array], num: int):
-  return {k: v.reshape((num, v.shape[0] // num) + v.shape[1:])
-          for k, v in batch.items()}
+  return {
+      k: v.reshape((num, v.shape[0] // num) + v.shape[1:])
+      for k, v in batch.items()
+  }
 
 
-def make_train_step(model: models.FlixModel, tx: optax.GradientTransformation,
-                    num_microbatches: int = 1) -> Callable:
+def make_train_step(
+    model: models.FlixModel,
+    tx: optax.GradientTransformation,
+    num_microbatches: int = 1,
+) -> Callable:
   """Builds `train_step(state, batch, rng) -> (state, metrics)` (not jitted)."""
 
   def train_step(state: TrainState, batch, rng):
-    dropout_rng, feature_rng = jax.random.split(jax.random.fold_in(
-        rng, state.step))
+    dropout_rng, feature_rng = jax.random.split(
+        jax.random.fold_in(rng, state.step)
+    )
 
     def loss_of(trainable, microbatch, dropout_rng, feature_rng):
       params = merge_params(trainable, state.frozen)
@@ -164,8 +192,9 @@ def make_train_step(model: models.FlixModel, tx: optax.GradientTransformation,
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if num_microbatches <= 1:
-      (_, metrics), grads = grad_fn(state.trainable, batch, dropout_rng,
-                                    feature_rng)
+      (_, metrics), grads = grad_fn(
+          state.trainable, batch, dropout_rng, feature_rng
+      )
     else:
       # Accumulates the trainable subset's gradients only: with FLix that is
       # the adapters, not a full-size copy of the model.
@@ -173,32 +202,54 @@ def make_train_step(model: models.FlixModel, tx: optax.GradientTransformation,
         grads, metrics = carry
         microbatch, index = inputs
         (_, mb_metrics), mb_grads = grad_fn(
-            state.trainable, microbatch, jax.random.fold_in(dropout_rng, index),
-            jax.random.fold_in(feature_rng, index))
-        return (jax.tree.map(jnp.add, grads, mb_grads),
-                jax.tree.map(jnp.add, metrics, mb_metrics)), None
+            state.trainable,
+            microbatch,
+            jax.random.fold_in(dropout_rng, index),
+            jax.random.fold_in(feature_rng, index),
+        )
+        return (
+            jax.tree.map(jnp.add, grads, mb_grads),
+            jax.tree.map(jnp.add, metrics, mb_metrics),
+        ), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.trainable)
       metric_shapes = jax.eval_shape(
-          lambda: grad_fn(state.trainable, jax.tree.map(
-              lambda v: v[0], _split_microbatches(batch, num_microbatches)),
-                          dropout_rng, feature_rng)[0][1])
-      zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                  metric_shapes)
+          lambda: grad_fn(
+              state.trainable,
+              jax.tree.map(
+                  lambda v: v[0], _split_microbatches(batch, num_microbatches)
+              ),
+              dropout_rng,
+              feature_rng,
+          )[0][1]
+      )
+      zero_metrics = jax.tree.map(
+          lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes
+      )
       (grads, metrics), _ = jax.lax.scan(
-          accumulate, (zeros, zero_metrics),
-          (_split_microbatches(batch, num_microbatches),
-           jnp.arange(num_microbatches)))
-      metrics = {k: (v if k == "weight_sum" else v / num_microbatches)
-                 for k, v in metrics.items()}
+          accumulate,
+          (zeros, zero_metrics),
+          (
+              _split_microbatches(batch, num_microbatches),
+              jnp.arange(num_microbatches),
+          ),
+      )
+      metrics = {
+          k: (v if k == "weight_sum" else v / num_microbatches)
+          for k, v in metrics.items()
+      }
       if model.loss_normalizing_factor == models.NUM_REAL_TARGET_TOKENS:
         # Each microbatch loss is already a mean: average, don't sum.
         grads = jax.tree.map(lambda g: g / num_microbatches, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    return state.replace(step=state.step + 1, trainable=trainable,
-                         opt_state=opt_state), metrics
+    return (
+        state.replace(
+            step=state.step + 1, trainable=trainable, opt_state=opt_state
+        ),
+        metrics,
+    )
 
   return train_step
 

@@ -36,9 +36,13 @@ def config_to_dict(config) -> dict[str, Any]:
     value = getattr(config, field.name)
     if field.name == "feature_space":
       continue
-    out[field.name] = (list(value) if isinstance(value, tuple) else
-                       value if isinstance(value, (int, float, str, bool,
-                                                   type(None))) else str(value))
+    out[field.name] = (
+        list(value)
+        if isinstance(value, tuple)
+        else value
+        if isinstance(value, (int, float, str, bool, type(None)))
+        else str(value)
+    )
   return out
 
 
@@ -58,9 +62,13 @@ class Run:
     return self.state.params
 
 
-def state_shardings(model: models.FlixModel,
-                    optimizer: optax.GradientTransformation,
-                    trainable_patterns: Sequence[str], mesh, rules):
+def state_shardings(
+    model: models.FlixModel,
+    optimizer: optax.GradientTransformation,
+    trainable_patterns: Sequence[str],
+    mesh,
+    rules,
+):
   """The abstract train state and its shardings, without allocating.
 
   Params follow their logical axes; each optimizer-state leaf shaped like its
@@ -73,71 +81,104 @@ def state_shardings(model: models.FlixModel,
   replicated = partitioning.replicated(mesh)
   with mesh, nn.logical_axis_rules(rules):
     param_sharding = partitioning.logical_to_sharding(
-        model.param_logical_axes(), mesh, rules)
+        model.param_logical_axes(), mesh, rules
+    )
   abstract_params = nn.unbox(model.abstract_params())
   abstract = jax.eval_shape(
-      lambda p: train_step_lib.create_train_state(p, optimizer,
-                                                  trainable_patterns),
-      abstract_params)
-  trainable, frozen = train_step_lib.split_params(param_sharding,
-                                                  trainable_patterns)
+      lambda p: train_step_lib.create_train_state(
+          p, optimizer, trainable_patterns
+      ),
+      abstract_params,
+  )
+  trainable, frozen = train_step_lib.split_params(
+      param_sharding, trainable_patterns
+  )
   opt_state = optax.tree_map_params(
       optimizer,
-      lambda leaf, sharding, param: (sharding if leaf.shape == param.shape
-                                     else replicated),
-      abstract.opt_state, trainable, abstract.trainable,
-      transform_non_params=lambda _: replicated)
+      lambda leaf, sharding, param: (
+          sharding if leaf.shape == param.shape else replicated
+      ),
+      abstract.opt_state,
+      trainable,
+      abstract.trainable,
+      transform_non_params=lambda _: replicated,
+  )
   return abstract, train_step_lib.TrainState(
-      step=replicated, trainable=trainable, frozen=frozen, opt_state=opt_state)
+      step=replicated, trainable=trainable, frozen=frozen, opt_state=opt_state
+  )
 
 
-def jit_train_step(model: models.FlixModel,
-                   optimizer: optax.GradientTransformation, state_sharding,
-                   mesh, num_microbatches: int = 1) -> Callable:
+def jit_train_step(
+    model: models.FlixModel,
+    optimizer: optax.GradientTransformation,
+    state_sharding,
+    mesh,
+    num_microbatches: int = 1,
+) -> Callable:
   """The jitted, state-donating `train_step(state, batch, rng)` on `mesh`."""
   replicated = partitioning.replicated(mesh)
   return jax.jit(
       train_step_lib.make_train_step(model, optimizer, num_microbatches),
-      in_shardings=(state_sharding, partitioning.data_sharding(mesh),
-                    replicated),
+      in_shardings=(
+          state_sharding,
+          partitioning.data_sharding(mesh),
+          replicated,
+      ),
       out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,))
+      donate_argnums=(0,),
+  )
 
 
-def build_run(model: models.FlixModel,
-              optimizer: optax.GradientTransformation,
-              trainable_patterns: Sequence[str] = train_step_lib.ADAPTER_PATTERNS,
-              initial_checkpoint_path: Optional[str] = None,
-              random_seed: int = 0,
-              num_partitions: int = 1,
-              num_microbatches: int = 1,
-              logical_axis_rules: Optional[Sequence[Any]] = None,
-              devices: Optional[Sequence[Any]] = None) -> Run:
+def build_run(
+    model: models.FlixModel,
+    optimizer: optax.GradientTransformation,
+    trainable_patterns: Sequence[str] = train_step_lib.ADAPTER_PATTERNS,
+    initial_checkpoint_path: Optional[str] = None,
+    random_seed: int = 0,
+    num_partitions: int = 1,
+    num_microbatches: int = 1,
+    logical_axis_rules: Optional[Sequence[Any]] = None,
+    devices: Optional[Sequence[Any]] = None,
+) -> Run:
   """Initialises (or loads) the params on a mesh and jits the train step."""
   mesh = partitioning.make_mesh(num_partitions, devices)
-  rules = tuple(logical_axis_rules or partitioning.standard_logical_axis_rules())
-  _, state_sharding = state_shardings(model, optimizer, trainable_patterns,
-                                      mesh, rules)
-  param_sharding = train_step_lib.merge_params(state_sharding.trainable,
-                                               state_sharding.frozen)
+  rules = tuple(
+      logical_axis_rules or partitioning.standard_logical_axis_rules()
+  )
+  _, state_sharding = state_shardings(
+      model, optimizer, trainable_patterns, mesh, rules
+  )
+  param_sharding = train_step_lib.merge_params(
+      state_sharding.trainable, state_sharding.frozen
+  )
   with mesh, nn.logical_axis_rules(rules):
     params = jax.jit(model.init_params, out_shardings=param_sharding)(
-        jax.random.PRNGKey(random_seed))
+        jax.random.PRNGKey(random_seed)
+    )
     if initial_checkpoint_path:
       loaded = checkpoints.restore_base_params(
-          jax.tree.map(np.asarray, params), initial_checkpoint_path,
-          fresh_patterns=train_step_lib.ADAPTER_PATTERNS)
+          jax.tree.map(np.asarray, params),
+          initial_checkpoint_path,
+          fresh_patterns=train_step_lib.ADAPTER_PATTERNS,
+      )
       params = jax.device_put(loaded, param_sharding)
-    state = jax.jit(lambda p: train_step_lib.create_train_state(
-        p, optimizer, trainable_patterns), out_shardings=state_sharding)(params)
-    step_fn = jit_train_step(model, optimizer, state_sharding, mesh,
-                             num_microbatches)
+    state = jax.jit(
+        lambda p: train_step_lib.create_train_state(
+            p, optimizer, trainable_patterns
+        ),
+        out_shardings=state_sharding,
+    )(params)
+    step_fn = jit_train_step(
+        model, optimizer, state_sharding, mesh, num_microbatches
+    )
   space = model.feature_space
   meta = {
       "feature_space": space.to_dict() if space is not None else None,
       "model_config": config_to_dict(model.config),
-      "base": {"initial_checkpoint": initial_checkpoint_path,
-               "init_seed": random_seed},
+      "base": {
+          "initial_checkpoint": initial_checkpoint_path,
+          "init_seed": random_seed,
+      },
       "trainable_patterns": list(trainable_patterns),
   }
   return Run(model, mesh, rules, state, step_fn, meta)
@@ -145,20 +186,25 @@ def build_run(model: models.FlixModel,
 
 def to_device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, Any]:
   sharding = partitioning.data_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in batch.items()
+  }
 
 
-def _check_feature_space(saved: Optional[Mapping[str, Any]],
-                         space: Optional[features_lib.FeatureSpace],
-                         where: str) -> None:
+def _check_feature_space(
+    saved: Optional[Mapping[str, Any]],
+    space: Optional[features_lib.FeatureSpace],
+    where: str,
+) -> None:
   current = space.to_dict() if space is not None else None
   if saved != current:
     raise ValueError(
         f"The feature vocabulary saved in {where} differs from this run's; "
         "adapters would map to the wrong features. Resume with the same "
         f"mixture and FLix config. Saved: {json.dumps(saved)[:300]}; now: "
-        f"{json.dumps(current)[:300]}")
+        f"{json.dumps(current)[:300]}"
+    )
 
 
 class ProgressLogger:
@@ -166,8 +212,10 @@ class ProgressLogger:
 
   def __init__(self, model_dir: str, total_steps: int, start_step: int):
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
     self.writer = metric_writers.create_default_writer(
-        os.path.join(model_dir, "train"), just_logging=jax.process_index() > 0)
+        os.path.join(model_dir, "train"), just_logging=jax.process_index() > 0
+    )
     self.total_steps, self.last_step = total_steps, start_step
     self.last_time = time.time()
 
@@ -179,36 +227,43 @@ class ProgressLogger:
     scalars["steps_per_second"] = rate
     self.writer.write_scalars(step, scalars)
     eta = (self.total_steps - step) / max(rate, 1e-9)
-    logging.info("step %d/%d  loss %.4f  acc %.3f  %.2f steps/s  ETA %s",
-                 step, self.total_steps, scalars["loss"],
-                 scalars.get("accuracy", float("nan")), rate,
-                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+    logging.info(
+        "step %d/%d  loss %.4f  acc %.3f  %.2f steps/s  ETA %s",
+        step,
+        self.total_steps,
+        scalars["loss"],
+        scalars.get("accuracy", float("nan")),
+        rate,
+        time.strftime("%H:%M:%S", time.gmtime(eta)),
+    )
 
   def close(self) -> None:
     self.writer.flush()
     self.writer.close()
 
 
-def train(*,
-          model: models.FlixModel,
-          model_dir: str,
-          mixture_or_task_name: str,
-          task_feature_lengths: Mapping[str, int],
-          train_steps: int,
-          batch_size: int,
-          optimizer: optax.GradientTransformation,
-          trainable_patterns: Sequence[str] = train_step_lib.ADAPTER_PATTERNS,
-          initial_checkpoint_path: Optional[str] = None,
-          random_seed: int = 0,
-          pack: bool = False,
-          num_partitions: int = 1,
-          num_microbatches: int = 1,
-          checkpoint_period: int = 1000,
-          keep_checkpoints: Optional[int] = 3,
-          log_period: int = 10,
-          eval_period: int = 0,
-          evaluate_fn: Optional[Callable[..., Any]] = None,
-          stop_after_steps: Optional[int] = None) -> Run:
+def train(
+    *,
+    model: models.FlixModel,
+    model_dir: str,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    train_steps: int,
+    batch_size: int,
+    optimizer: optax.GradientTransformation,
+    trainable_patterns: Sequence[str] = train_step_lib.ADAPTER_PATTERNS,
+    initial_checkpoint_path: Optional[str] = None,
+    random_seed: int = 0,
+    pack: bool = False,
+    num_partitions: int = 1,
+    num_microbatches: int = 1,
+    checkpoint_period: int = 1000,
+    keep_checkpoints: Optional[int] = 3,
+    log_period: int = 10,
+    eval_period: int = 0,
+    evaluate_fn: Optional[Callable[..., Any]] = None,
+    stop_after_steps: Optional[int] = None,
+) -> Run:
   """Trains `model` on a SeqIO mixture; resumes from MODEL_DIR if possible.
 
   Args:
@@ -238,35 +293,57 @@ def train(*,
     the Run (state after training).
   """
   os.makedirs(model_dir, exist_ok=True)
-  run = build_run(model, optimizer, trainable_patterns,
-                  initial_checkpoint_path, random_seed, num_partitions,
-                  num_microbatches)
+  run = build_run(
+      model,
+      optimizer,
+      trainable_patterns,
+      initial_checkpoint_path,
+      random_seed,
+      num_partitions,
+      num_microbatches,
+  )
   partitioning.check_batch_size(batch_size, run.mesh)
-  logging.info("Trainable params: %d of %d (%s).",
-               train_step_lib.count_params(run.state.trainable),
-               train_step_lib.count_params(run.state.trainable) +
-               train_step_lib.count_params(run.state.frozen),
-               ", ".join(trainable_patterns))
+  logging.info(
+      "Trainable params: %d of %d (%s).",
+      train_step_lib.count_params(run.state.trainable),
+      train_step_lib.count_params(run.state.trainable)
+      + train_step_lib.count_params(run.state.frozen),
+      ", ".join(trainable_patterns),
+  )
   checkpointer = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints)
   start_step, batches_consumed = 0, 0
   latest = checkpointer.latest_step()
   if latest is not None:
     trainable, opt_state, meta = checkpointer.restore(
-        latest, run.state.trainable, run.state.opt_state)
-    _check_feature_space(meta.get("feature_space"), model.feature_space,
-                         checkpointer.directory)
-    run.state = run.state.replace(step=jnp.asarray(latest, jnp.int32),
-                                  trainable=trainable, opt_state=opt_state)
+        latest, run.state.trainable, run.state.opt_state
+    )
+    _check_feature_space(
+        meta.get("feature_space"), model.feature_space, checkpointer.directory
+    )
+    run.state = run.state.replace(
+        step=jnp.asarray(latest, jnp.int32),
+        trainable=trainable,
+        opt_state=opt_state,
+    )
     start_step, batches_consumed = latest, meta["data"]["batches_consumed"]
     logging.info("Resumed from step %d of %s.", latest, checkpointer.directory)
-  run.meta["data"] = {"mixture_or_task_name": mixture_or_task_name,
-                      "seed": random_seed, "batches_consumed": batches_consumed}
+  run.meta["data"] = {
+      "mixture_or_task_name": mixture_or_task_name,
+      "seed": random_seed,
+      "batches_consumed": batches_consumed,
+  }
 
   from flix import input_pipeline  # pylint: disable=g-import-not-at-top
+
   batches = input_pipeline.train_batches(
-      mixture_or_task_name, task_feature_lengths, batch_size,
-      model.feature_space, seed=random_seed, pack=pack,
-      skip_batches=batches_consumed)
+      mixture_or_task_name,
+      task_feature_lengths,
+      batch_size,
+      model.feature_space,
+      seed=random_seed,
+      pack=pack,
+      skip_batches=batches_consumed,
+  )
   progress = ProgressLogger(model_dir, train_steps, start_step)
   rng = jax.random.PRNGKey(random_seed + 1)
   config = model.config
@@ -276,24 +353,38 @@ def train(*,
     while step < train_steps:
       batch = next(batches)
       if model.feature_space is not None:
-        layers.check_max_segments(batch["encoder_feature_ids"],
-                                  config.max_segments, config.flix_strategy)
-      run.state, metrics = run.step_fn(run.state,
-                                       to_device_batch(batch, run.mesh), rng)
+        layers.check_max_segments(
+            batch["encoder_feature_ids"],
+            config.max_segments,
+            config.flix_strategy,
+        )
+      run.state, metrics = run.step_fn(
+          run.state, to_device_batch(batch, run.mesh), rng
+      )
       step += 1
       steps_this_process += 1
       run.meta["data"]["batches_consumed"] = batches_consumed + (
-          step - start_step)
+          step - start_step
+      )
       if step % log_period == 0 or step == train_steps:
         progress.log(step, jax.device_get(metrics))
       if step % checkpoint_period == 0 or step == train_steps:
-        checkpointer.save(step, run.state.trainable, run.state.opt_state,
-                          {**run.meta, "step": step}, force=True)
+        checkpointer.save(
+            step,
+            run.state.trainable,
+            run.state.opt_state,
+            {**run.meta, "step": step},
+            force=True,
+        )
       if evaluate_fn is not None and (
-          (eval_period and step % eval_period == 0) or step == train_steps):
+          (eval_period and step % eval_period == 0) or step == train_steps
+      ):
         checkpointer.wait()
         evaluate_fn(run=run, step=step, model_dir=model_dir)
-      if stop_after_steps is not None and steps_this_process >= stop_after_steps:
+      if (
+          stop_after_steps is not None
+          and steps_this_process >= stop_after_steps
+      ):
         logging.info("Stopping after %d steps (stop_after_steps).", step)
         break
   checkpointer.close()

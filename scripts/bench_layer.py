@@ -31,8 +31,9 @@ def _timed(fn, args, reps):
   return times
 
 
-def build_cases(rows, length, d_in, d_out, rank, strategies, inventories,
-                packed_segments):
+def build_cases(
+    rows, length, d_in, d_out, rank, strategies, inventories, packed_segments
+):
   """Returns {name: (jitted fwd+bwd fn, args)}."""
   key = jax.random.PRNGKey(0)
   kx, kw, ka, kb, ki = jax.random.split(key, 5)
@@ -56,39 +57,54 @@ def build_cases(rows, length, d_in, d_out, rank, strategies, inventories,
     y = x2 @ w0 + ((x2 @ a) * 0.5) @ b
     return jnp.vdot(y.reshape(rows, length, d_out), cotangent)
 
-  cases[f"LoRA r={2 * rank}"] = (jax.jit(jax.grad(lora, argnums=(0, 1, 2))),
-                                 (x, lora_a, lora_b, w0, cotangent))
+  cases[f"LoRA r={2 * rank}"] = (
+      jax.jit(jax.grad(lora, argnums=(0, 1, 2))),
+      (x, lora_a, lora_b, w0, cotangent),
+  )
 
   for num_values in inventories:
-    space = features_lib.FeatureSpace(groups=(
-        features_lib.FeatureGroup("task", tuple(map(str, range(num_values))),
-                                  rank=rank),
-        features_lib.FeatureGroup("language",
-                                  tuple(map(str, range(num_values))),
-                                  rank=rank)))
+    space = features_lib.FeatureSpace(
+        groups=(
+            features_lib.FeatureGroup(
+                "task", tuple(map(str, range(num_values))), rank=rank
+            ),
+            features_lib.FeatureGroup(
+                "language", tuple(map(str, range(num_values))), rank=rank
+            ),
+        )
+    )
     adapters = []
     for g in range(2):
       ka, kb = jax.random.split(jax.random.fold_in(ka, g))
       adapters.append(
-          (jax.random.normal(ka, (num_values, d_in, rank)) * 0.02,
-           jax.random.normal(kb, (num_values, rank, d_out)) * 0.02))
-    example_ids = jax.random.randint(ki, (rows, packed_segments, 2), 1,
-                                     num_values + 1)
+          (
+              jax.random.normal(ka, (num_values, d_in, rank)) * 0.02,
+              jax.random.normal(kb, (num_values, rank, d_out)) * 0.02,
+          )
+      )
+    example_ids = jax.random.randint(
+        ki, (rows, packed_segments, 2), 1, num_values + 1
+    )
     ids = jnp.repeat(example_ids, length // packed_segments, axis=1)
     for strategy in strategies:
       if strategy == "dense" and num_values * rank > 4096:
         continue
 
-      def flix(x, adapters, w0, cotangent, ids, space=space,
-               strategy=strategy):
+      def flix(x, adapters, w0, cotangent, ids, space=space, strategy=strategy):
         y = jnp.einsum("bld,do->blo", x, w0) + layers.flix_delta(
-            space, x, ids, adapters, strategy=strategy,
-            max_segments=packed_segments)
+            space,
+            x,
+            ids,
+            adapters,
+            strategy=strategy,
+            max_segments=packed_segments,
+        )
         return jnp.vdot(y, cotangent)
 
       cases[f"FLix 2x r={rank} V={num_values} {strategy}"] = (
           jax.jit(jax.grad(flix, argnums=(0, 1))),
-          (x, adapters, w0, cotangent, ids))
+          (x, adapters, w0, cotangent, ids),
+      )
   return cases
 
 
@@ -102,14 +118,24 @@ def main():
   parser.add_argument("--reps", type=int, default=15)
   parser.add_argument("--inventories", default="10,200")
   parser.add_argument("--strategies", default="segment,gather,dense")
-  parser.add_argument("--packed_segments", type=int, default=1,
-                      help="examples per row (runs of equal feature ids)")
+  parser.add_argument(
+      "--packed_segments",
+      type=int,
+      default=1,
+      help="examples per row (runs of equal feature ids)",
+  )
   args = parser.parse_args()
 
-  cases = build_cases(args.rows, args.tokens_per_row, args.d_in, args.d_out,
-                      args.rank, args.strategies.split(","),
-                      [int(v) for v in args.inventories.split(",")],
-                      args.packed_segments)
+  cases = build_cases(
+      args.rows,
+      args.tokens_per_row,
+      args.d_in,
+      args.d_out,
+      args.rank,
+      args.strategies.split(","),
+      [int(v) for v in args.inventories.split(",")],
+      args.packed_segments,
+  )
   for fn, fn_args in cases.values():
     jax.block_until_ready(fn(*fn_args))  # compile everything first
   samples = {name: [] for name in cases}
@@ -118,9 +144,11 @@ def main():
       samples[name].extend(_timed(fn, fn_args, 1))
   medians = {name: float(np.median(t)) * 1e3 for name, t in samples.items()}
   lora_name = f"LoRA r={2 * args.rank}"
-  print(f"# {jax.devices()[0].platform}, {args.rows}x{args.tokens_per_row} "
-        f"tokens, d_in {args.d_in}, d_out {args.d_out}, fwd+bwd, "
-        f"{args.packed_segments} example(s)/row, median of {args.reps}")
+  print(
+      f"# {jax.devices()[0].platform}, {args.rows}x{args.tokens_per_row} "
+      f"tokens, d_in {args.d_in}, d_out {args.d_out}, fwd+bwd, "
+      f"{args.packed_segments} example(s)/row, median of {args.reps}"
+  )
   print(f"| {'case':<34} | {'ms':>8} | {'x LoRA':>7} |")
   print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|")
   for name, ms in medians.items():

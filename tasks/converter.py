@@ -87,13 +87,15 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
     if not isinstance(feature_space, features_lib.FeatureSpace):
       raise TypeError(
           "FlixFeatureConverter needs a flix.features.FeatureSpace, got "
-          f"{type(feature_space).__name__}.")
+          f"{type(feature_space).__name__}."
+      )
     super().__init__(
         pack=pack,
         use_custom_packing_ops=use_custom_packing_ops,
         apply_length_check=apply_length_check,
         bos_id=bos_id,
-        passthrough_features=passthrough_features)
+        passthrough_features=passthrough_features,
+    )
     self._feature_space = feature_space
     self._warn_unknown = warn_unknown
     self._tables: Optional[list[tf.lookup.StaticHashTable]] = None
@@ -111,13 +113,17 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
           tf.lookup.StaticHashTable(
               tf.lookup.KeyValueTensorInitializer(
                   keys=tf.constant(group.values, tf.string),
-                  values=tf.range(1, group.num_values + 1, dtype=tf.int32)),
-              default_value=-1) for group in self._feature_space.groups
+                  values=tf.range(1, group.num_values + 1, dtype=tf.int32),
+              ),
+              default_value=-1,
+          )
+          for group in self._feature_space.groups
       ]
     return self._tables
 
-  def _warn_and_default(self, group: features_lib.FeatureGroup,
-                        value: tf.Tensor) -> tf.Tensor:
+  def _warn_and_default(
+      self, group: features_lib.FeatureGroup, value: tf.Tensor
+  ) -> tf.Tensor:
     """Logs the unknown-value warning (once) and returns the default id."""
 
     def _warn(value_tensor):
@@ -141,23 +147,25 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
       value = example[key]
       if value.dtype != tf.string:
         raise ValueError(
-            f"Feature {key!r} must be a tf.string scalar, got {value.dtype}.")
+            f"Feature {key!r} must be a tf.string scalar, got {value.dtype}."
+        )
       value = tf.reshape(value, [])
       found = table.lookup(value)
       known = found >= 0
       fid = tf.where(known, found, default)
       if self._warn_unknown:
-        unknown = tf.logical_and(
-            tf.logical_not(known), tf.not_equal(value, ""))
+        unknown = tf.logical_and(tf.logical_not(known), tf.not_equal(value, ""))
         fid = tf.cond(
             unknown,
             lambda g=group, v=value: self._warn_and_default(g, v),
-            lambda f=fid: f)
+            lambda f=fid: f,
+        )
       ids.append(fid)
     return ids
 
   def _add_token_feature_ids(
-      self, example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+      self, example: Mapping[str, tf.Tensor]
+  ) -> dict[str, tf.Tensor]:
     """Broadcasts the example's ids to its tokens, stored as id + 1.
 
     The + 1 keeps real tokens non-zero: SeqIO's packing measures a feature's
@@ -168,11 +176,13 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
     for i, fid in enumerate(self._example_ids(example)):
       for prefix in ("inputs", "targets"):
         example[_token_key(prefix, i)] = tf.fill(
-            tf.shape(example[prefix]), fid + 1)
+            tf.shape(example[prefix]), fid + 1
+        )
     return example
 
-  def _stack_ids(self, features: Mapping[str, tf.Tensor],
-                 prefix: str) -> tf.Tensor:
+  def _stack_ids(
+      self, features: Mapping[str, tf.Tensor], prefix: str
+  ) -> tf.Tensor:
     """Per-token [L, G] ids from the shifted per-group columns."""
     num_groups = self._feature_space.num_groups
     if num_groups == 0:
@@ -186,17 +196,19 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
   # ---- seqio.FeatureConverter interface ----
 
   def _convert_example(
-      self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
+      self, features: Mapping[str, tf.Tensor]
+  ) -> Mapping[str, tf.Tensor]:
     d = dict(super()._convert_example(features))
     d[ENCODER_FEATURE_IDS] = self._stack_ids(features, "inputs")
     d[DECODER_FEATURE_IDS] = self._stack_ids(features, "targets")
     return d
 
   def _convert_features(
-      self, ds: tf.data.Dataset,
-      task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-    ds = ds.map(self._add_token_feature_ids,
-                num_parallel_calls=tf.data.AUTOTUNE)
+      self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+  ) -> tf.data.Dataset:
+    ds = ds.map(
+        self._add_token_feature_ids, num_parallel_calls=tf.data.AUTOTUNE
+    )
     lengths = dict(task_feature_lengths)
     for i in range(self._feature_space.num_groups):
       for prefix in ("inputs", "targets"):
@@ -205,14 +217,16 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
     return ds.map(self._convert_example, num_parallel_calls=tf.data.AUTOTUNE)
 
   def get_model_feature_lengths(
-      self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+      self, task_feature_lengths: Mapping[str, int]
+  ) -> Mapping[str, int]:
     lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
     lengths[ENCODER_FEATURE_IDS] = task_feature_lengths["inputs"]
     lengths[DECODER_FEATURE_IDS] = task_feature_lengths["targets"]
     return lengths
 
-  def __call__(self, ds: tf.data.Dataset,
-               task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  def __call__(
+      self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+  ) -> tf.data.Dataset:
     """Converts task features to model features, with SeqIO's validations.
 
     Same checks as `seqio.FeatureConverter.__call__`, except that the rank-2
@@ -228,14 +242,19 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
     """
     task_features = dict(self.TASK_FEATURES)
     task_features.update(self._passthrough_features)
-    _check_same_keys(task_features, task_feature_lengths, "TASK_FEATURES",
-                     "task_feature_lengths")
+    _check_same_keys(
+        task_features,
+        task_feature_lengths,
+        "TASK_FEATURES",
+        "task_feature_lengths",
+    )
     ds = self._validate_dataset(
         ds,
         expected_features=task_features,
         expected_lengths=task_feature_lengths,
         strict=False,
-        error_label="input_validation")
+        error_label="input_validation",
+    )
 
     ds = self._convert_features(ds, task_feature_lengths)
 
@@ -244,49 +263,64 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
     if self.pack:
       for key, dtype in self.PACKING_FEATURE_DTYPES.items():
         expected[key] = _FeatureSpec(dtype=dtype, rank=1)
-    model_feature_lengths = self.get_model_feature_lengths(
-        task_feature_lengths)
-    _check_same_keys(expected, model_feature_lengths, "model features",
-                     "model_feature_lengths")
+    model_feature_lengths = self.get_model_feature_lengths(task_feature_lengths)
+    _check_same_keys(
+        expected,
+        model_feature_lengths,
+        "model features",
+        "model_feature_lengths",
+    )
     ds = self._validate_dataset(
         ds,
         expected_features=expected,
         expected_lengths=model_feature_lengths,
         strict=True,
-        error_label="output_validation")
-    _check_same_keys(expected, ds.element_spec, "model features",
-                     "output dataset")
+        error_label="output_validation",
+    )
+    _check_same_keys(
+        expected, ds.element_spec, "model features", "output dataset"
+    )
     return ds
 
 
-def _check_same_keys(expected: Mapping[str, Any], actual: Mapping[str, Any],
-                     expected_source: str, actual_source: str) -> None:
+def _check_same_keys(
+    expected: Mapping[str, Any],
+    actual: Mapping[str, Any],
+    expected_source: str,
+    actual_source: str,
+) -> None:
   extra = set(actual) - set(expected)
   missing = set(expected) - set(actual)
   if extra:
     raise ValueError(
         f"The {actual_source} contains features not in the {expected_source}: "
-        f"{sorted(extra)}.")
+        f"{sorted(extra)}."
+    )
   if missing:
     raise ValueError(
         f"The {actual_source} is missing features of the {expected_source}: "
-        f"{sorted(missing)}.")
+        f"{sorted(missing)}."
+    )
 
 
 # ---- Plain NumPy path (inference) ----
 
 
-def _encode_text(vocabulary: seqio.Vocabulary, text: Optional[str],
-                 length: int, add_eos: bool) -> np.ndarray:
+def _encode_text(
+    vocabulary: seqio.Vocabulary,
+    text: Optional[str],
+    length: int,
+    add_eos: bool,
+) -> np.ndarray:
   """Tokenizes, trims (keeping EOS) and pads one string to `length`."""
   tokens = np.zeros((length,), np.int32)
   if text is None:
     return tokens
   ids = list(vocabulary.encode(text))
   if add_eos:
-    ids = ids[:max(length - 1, 0)] + [vocabulary.eos_id]
+    ids = ids[: max(length - 1, 0)] + [vocabulary.eos_id]
   ids = ids[:length]
-  tokens[:len(ids)] = ids
+  tokens[: len(ids)] = ids
   return tokens
 
 
@@ -321,15 +355,18 @@ def encode_examples(
   encoder, targets, ids = [], [], []
   for example in examples:
     encoder.append(
-        _encode_text(vocabulary, example["inputs"], enc_len, add_eos))
+        _encode_text(vocabulary, example["inputs"], enc_len, add_eos)
+    )
     targets.append(
-        _encode_text(output_vocabulary, example.get("targets"), dec_len,
-                     add_eos))
+        _encode_text(
+            output_vocabulary, example.get("targets"), dec_len, add_eos
+        )
+    )
     ids.append(feature_space.encode(example.get("features") or {}))
   num_groups = feature_space.num_groups
   encoder = np.stack(encoder) if encoder else np.zeros((0, enc_len), np.int32)
   targets = np.stack(targets) if targets else np.zeros((0, dec_len), np.int32)
-  ids = (np.stack(ids) if ids else np.zeros((0, num_groups), np.int32))
+  ids = np.stack(ids) if ids else np.zeros((0, num_groups), np.int32)
   decoder_inputs = np.full_like(targets, bos_id)
   decoder_inputs[:, 1:] = targets[:, :-1]
   return {
@@ -337,8 +374,10 @@ def encode_examples(
       "decoder_target_tokens": targets,
       "decoder_input_tokens": decoder_inputs,
       "decoder_loss_weights": (targets != 0).astype(np.int32),
-      ENCODER_FEATURE_IDS:
-          (ids[:, None, :] * (encoder != 0)[:, :, None]).astype(np.int32),
-      DECODER_FEATURE_IDS:
-          (ids[:, None, :] * (targets != 0)[:, :, None]).astype(np.int32),
+      ENCODER_FEATURE_IDS: (
+          ids[:, None, :] * (encoder != 0)[:, :, None]
+      ).astype(np.int32),
+      DECODER_FEATURE_IDS: (
+          ids[:, None, :] * (targets != 0)[:, :, None]
+      ).astype(np.int32),
   }

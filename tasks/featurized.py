@@ -73,21 +73,24 @@ def _check_group_name(group: str) -> None:
   if not isinstance(group, str) or not group.replace("_", "").isalnum():
     raise ValueError(
         f"Feature group name {group!r} must be a non-empty alphanumeric "
-        "string (underscores allowed).")
+        "string (underscores allowed)."
+    )
 
 
 def _check_value(group: str, value: Any) -> None:
   if not isinstance(value, str) or not value:
     raise ValueError(
         f"Feature {group!r} must have a non-empty string value, got "
-        f"{value!r}.")
+        f"{value!r}."
+    )
 
 
 # ---- Preprocessors ----
 
 
-def add_constant_features(dataset: tf.data.Dataset,
-                          features: Mapping[str, str]) -> tf.data.Dataset:
+def add_constant_features(
+    dataset: tf.data.Dataset, features: Mapping[str, str]
+) -> tf.data.Dataset:
   """Adds `feature_<group>` = value to every example (a SeqIO preprocessor)."""
   constants = {feature_key(g): str(v) for g, v in features.items()}
 
@@ -100,11 +103,15 @@ def add_constant_features(dataset: tf.data.Dataset,
   return dataset.map(_add, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def fill_missing_features(dataset: tf.data.Dataset,
-                          groups: Sequence[str]) -> tf.data.Dataset:
+def fill_missing_features(
+    dataset: tf.data.Dataset, groups: Sequence[str]
+) -> tf.data.Dataset:
   """Adds `feature_<group>` = "" (absent) for every missing group."""
-  missing = [feature_key(g) for g in groups
-             if feature_key(g) not in dataset.element_spec]
+  missing = [
+      feature_key(g)
+      for g in groups
+      if feature_key(g) not in dataset.element_spec
+  ]
   if not missing:
     return dataset
 
@@ -122,8 +129,10 @@ def fill_missing_features(dataset: tf.data.Dataset,
 
 def text_preprocessors(add_eos: bool = True) -> list[Any]:
   """The baseline's text pipeline: tokenize, cache placeholder, EOS."""
-  preprocessors = [seqio.preprocessors.tokenize,
-                   seqio.CacheDatasetPlaceholder()]
+  preprocessors = [
+      seqio.preprocessors.tokenize,
+      seqio.CacheDatasetPlaceholder(),
+  ]
   if add_eos:
     preprocessors.append(seqio.preprocessors.append_eos_after_trim)
   return preprocessors
@@ -172,7 +181,8 @@ def add_task(
     if isinstance(group_values, str):
       raise ValueError(
           f"feature_values[{group!r}] must be a sequence of strings, not a "
-          "string.")
+          "string."
+      )
     for value in group_values:
       _check_value(group, value)
     values.setdefault(group, set()).update(group_values)
@@ -187,11 +197,13 @@ def add_task(
   preprocessors = list(preprocessors)
   if features:
     preprocessors.append(
-        functools.partial(add_constant_features, features=features))
+        functools.partial(add_constant_features, features=features)
+    )
   if set(values) - set(features):
     # Every example carries every group of the task, "" where absent.
     preprocessors.append(
-        functools.partial(fill_missing_features, groups=tuple(values)))
+        functools.partial(fill_missing_features, groups=tuple(values))
+    )
 
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
@@ -202,10 +214,12 @@ def add_task(
       output_features=output_features,
       metric_fns=list(metric_fns),
       postprocess_fn=postprocess_fn,
-      **task_kwargs)
+      **task_kwargs,
+  )
   _TASK_FEATURES[name] = TaskFeatures(
       values={g: tuple(sorted(values[g])) for g in order_groups(values)},
-      combinations=frozenset(combinations))
+      combinations=frozenset(combinations),
+  )
   return task
 
 
@@ -217,8 +231,9 @@ class FeaturizedMixture(seqio.Mixture):
   sampled together.
   """
 
-  def get_task_dataset(self, task: seqio.Task, output_feature_keys,
-                       *args, **kwargs) -> tf.data.Dataset:
+  def get_task_dataset(
+      self, task: seqio.Task, output_feature_keys, *args, **kwargs
+  ) -> tf.data.Dataset:
     groups = tuple(_union_values(t.name for t in self.tasks))
     keys = set(output_feature_keys) | {feature_key(g) for g in groups}
     dataset = super().get_task_dataset(task, keys, *args, **kwargs)
@@ -246,22 +261,28 @@ def add_mixture(
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
   return seqio.MixtureRegistry.add(
-      name, tasks, default_rate=default_rate, mixture_cls=FeaturizedMixture,
-      **mixture_kwargs)
+      name,
+      tasks,
+      default_rate=default_rate,
+      mixture_cls=FeaturizedMixture,
+      **mixture_kwargs,
+  )
 
 
 def default_metric_fns() -> tuple[Callable[..., dict[str, float]], ...]:
   """`(flix_tasks.metrics.exact_match_and_cer,)`, or exact match alone."""
   try:
     from flix_tasks import metrics  # pylint: disable=g-import-not-at-top
+
     return (metrics.exact_match_and_cer,)
   except ImportError:
     logging.warning("flix_tasks.metrics unavailable; using exact match only.")
     return (exact_match,)
 
 
-def exact_match(targets: Sequence[str],
-                predictions: Sequence[str]) -> dict[str, float]:
+def exact_match(
+    targets: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
   """Percentage of predictions equal to their target (fallback metric)."""
   matches = [t == p for t, p in zip(targets, predictions)]
   return {"exact_match": 100.0 * sum(matches) / max(len(matches), 1)}
@@ -278,7 +299,8 @@ def _leaf_task_names(mixture_or_task_name: str) -> list[str]:
     mixture = seqio.MixtureRegistry.get(mixture_or_task_name)
     return [t.name for t in mixture.tasks]
   raise ValueError(
-      f"No task or mixture named {mixture_or_task_name!r} is registered.")
+      f"No task or mixture named {mixture_or_task_name!r} is registered."
+  )
 
 
 def task_features(task_name: str) -> TaskFeatures:
@@ -287,7 +309,9 @@ def task_features(task_name: str) -> TaskFeatures:
   if record is None:
     logging.warning(
         "Task %r was not registered with flix_tasks.featurized.add_task; it "
-        "carries no features.", task_name)
+        "carries no features.",
+        task_name,
+    )
     return TaskFeatures(values={}, combinations=frozenset())
   return record
 
@@ -309,8 +333,9 @@ def _union_values(task_names: Iterable[str]) -> dict[str, tuple[str, ...]]:
   return {g: tuple(sorted(values[g])) for g in order_groups(values)}
 
 
-def _per_group(setting: _NumberOrMapping,
-               groups: Sequence[str]) -> dict[str, float]:
+def _per_group(
+    setting: _NumberOrMapping, groups: Sequence[str]
+) -> dict[str, float]:
   if setting is None:
     return {}
   if isinstance(setting, Mapping):
@@ -318,7 +343,8 @@ def _per_group(setting: _NumberOrMapping,
     if unknown:
       raise ValueError(
           f"Settings for unknown feature groups {sorted(unknown)}; groups "
-          f"are {list(groups)}.")
+          f"are {list(groups)}."
+      )
     return dict(setting)
   return {g: setting for g in groups}
 
@@ -357,7 +383,8 @@ def feature_space(
     if missing:
       raise ValueError(
           f"{mixture_or_task_name!r} has no feature group(s) {missing}; its "
-          f"groups are {list(values)}.")
+          f"groups are {list(values)}."
+      )
     groups = tuple(groups)
   if not groups:
     raise ValueError(f"{mixture_or_task_name!r} has no feature groups.")
@@ -367,11 +394,13 @@ def feature_space(
       alphas=_per_group(alphas, groups),
       dropout=_per_group(dropout, groups),
       value_ranks=value_ranks,
-      rslora=rslora)
+      rslora=rslora,
+  )
 
 
 def feature_combinations(
-    mixture_or_task_name: str) -> frozenset[FeatureCombination]:
+    mixture_or_task_name: str,
+) -> frozenset[FeatureCombination]:
   """All feature combinations (frozensets of `(group, value)`) it contains."""
   combos = set()
   for name in _leaf_task_names(mixture_or_task_name):
@@ -402,15 +431,18 @@ def seen_pairs(
   return pairs
 
 
-def is_seen(features: Mapping[str, str], seen: set[tuple[str, ...]],
-            groups: Sequence[str] = LEADING_GROUPS) -> bool:
+def is_seen(
+    features: Mapping[str, str],
+    seen: set[tuple[str, ...]],
+    groups: Sequence[str] = LEADING_GROUPS,
+) -> bool:
   """Whether an example's `groups` combination was seen in training."""
   return tuple(features.get(g) for g in groups) in seen
 
 
 def check_feature_values(
-    mixture_or_task_name: str,
-    space: features_lib.FeatureSpace) -> dict[str, tuple[str, ...]]:
+    mixture_or_task_name: str, space: features_lib.FeatureSpace
+) -> dict[str, tuple[str, ...]]:
   """Warns about values a task or mixture emits that `space` lacks.
 
   Unknown values are treated as absent by the feature converter; this logs
@@ -422,8 +454,9 @@ def check_feature_values(
   unknown = {}
   values = feature_values(mixture_or_task_name)
   for group in space.groups:
-    missing = tuple(v for v in values.get(group.name, ())
-                    if v not in group.values)
+    missing = tuple(
+        v for v in values.get(group.name, ()) if v not in group.values
+    )
     for value in missing:
       space.encode({group.name: value})  # Warns once.
     if missing:

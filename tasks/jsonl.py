@@ -40,8 +40,9 @@ class JsonlExample:
   features: dict[str, str]
 
 
-def parse_line(line: str, path: str, line_number: int
-               ) -> Optional[JsonlExample]:
+def parse_line(
+    line: str, path: str, line_number: int
+) -> Optional[JsonlExample]:
   """Parses one JSONL line; None for a blank line.
 
   Raises:
@@ -56,33 +57,38 @@ def parse_line(line: str, path: str, line_number: int
     raise ValueError(f"{where}: invalid JSON ({e.msg}).") from None
   if not isinstance(obj, dict):
     raise ValueError(
-        f"{where}: expected a JSON object, got {type(obj).__name__}.")
+        f"{where}: expected a JSON object, got {type(obj).__name__}."
+    )
   for key in ("inputs", "targets"):
     if key not in obj:
       raise ValueError(f"{where}: missing {key!r}.")
     if not isinstance(obj[key], str):
       raise ValueError(
           f"{where}: {key!r} must be a string, got "
-          f"{type(obj[key]).__name__}.")
+          f"{type(obj[key]).__name__}."
+      )
   raw = obj.get("features", {})
   if raw is None:
     raw = {}
   if not isinstance(raw, dict):
     raise ValueError(
         f"{where}: 'features' must be an object of strings, got "
-        f"{type(raw).__name__}.")
+        f"{type(raw).__name__}."
+    )
   features = {}
   for group, value in raw.items():
     if not group.replace("_", "").isalnum():
       raise ValueError(
           f"{where}: feature group name {group!r} must be alphanumeric "
-          "(underscores allowed).")
+          "(underscores allowed)."
+      )
     if value is None or value == "":
       continue
     if not isinstance(value, str):
       raise ValueError(
           f"{where}: feature {group!r} must be a string, got "
-          f"{type(value).__name__}.")
+          f"{type(value).__name__}."
+      )
     features[group] = value
   return JsonlExample(obj["inputs"], obj["targets"], features)
 
@@ -127,9 +133,14 @@ def _scan(files: Sequence[str]) -> _Scan:
   return scan
 
 
-def _dataset_fn(split: str, shuffle_files: bool = False,
-                seed: Optional[int] = None, *, files: dict[str, list[str]],
-                groups: tuple[str, ...]) -> tf.data.Dataset:
+def _dataset_fn(
+    split: str,
+    shuffle_files: bool = False,
+    seed: Optional[int] = None,
+    *,
+    files: dict[str, list[str]],
+    groups: tuple[str, ...],
+) -> tf.data.Dataset:
   """Streams a split's examples with one `feature_<group>` per group."""
   split_files = list(files[split])
   if shuffle_files and len(split_files) > 1:
@@ -144,8 +155,8 @@ def _dataset_fn(split: str, shuffle_files: bool = False,
 
   signature = {
       key: tf.TensorSpec([], tf.string)
-      for key in ["inputs", "targets"] +
-      [featurized.feature_key(g) for g in groups]
+      for key in ["inputs", "targets"]
+      + [featurized.feature_key(g) for g in groups]
   }
   return tf.data.Dataset.from_generator(_generate, output_signature=signature)
 
@@ -179,10 +190,14 @@ def register_jsonl_task(
     ValueError: no split given, a pattern matches no file, or a malformed line
       (the message names `file:line`).
   """
-  patterns = {"train": train_pattern, "validation": validation_pattern,
-              "test": test_pattern}
-  files = {split: resolve_files(p) for split, p in patterns.items()
-           if p is not None}
+  patterns = {
+      "train": train_pattern,
+      "validation": validation_pattern,
+      "test": test_pattern,
+  }
+  files = {
+      split: resolve_files(p) for split, p in patterns.items() if p is not None
+  }
   if not files:
     raise ValueError(f"JSONL task {name!r}: give at least one file pattern.")
   scans = {split: _scan(split_files) for split, split_files in files.items()}
@@ -205,17 +220,20 @@ def register_jsonl_task(
   source = seqio.FunctionDataSource(
       dataset_fn=functools.partial(_dataset_fn, files=files, groups=groups),
       splits=tuple(files),
-      num_input_examples={s: scan.num_examples for s, scan in scans.items()})
+      num_input_examples={s: scan.num_examples for s, scan in scans.items()},
+  )
   return featurized.add_task(
       name,
       source=source,
       preprocessors=preprocessors,
       output_features=output_features,
-      metric_fns=(featurized.default_metric_fns()
-                  if metric_fns is None else metric_fns),
+      metric_fns=(
+          featurized.default_metric_fns() if metric_fns is None else metric_fns
+      ),
       feature_values={g: sorted(values[g]) for g in groups},
       feature_combinations=combinations,
-      postprocess_fn=postprocess_fn)
+      postprocess_fn=postprocess_fn,
+  )
 
 
 def jsonl_task(name: str, **kwargs: Any) -> str:

@@ -115,8 +115,9 @@ def _token_f1(target: str, prediction: str) -> float:
   return 2 * precision * recall / (precision + recall)
 
 
-def squad_f1(targets: Sequence[str],
-             predictions: Sequence[str]) -> dict[str, float]:
+def squad_f1(
+    targets: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
   """SQuAD-style token F1 and exact match (official QA metric: "f1").
 
   Both sides are normalised with `squad_normalize`. Per example,
@@ -133,8 +134,10 @@ def squad_f1(targets: Sequence[str],
     {"f1": mean F1 x 100, "exact_match": mean EM x 100}.
   """
   _check_inputs(targets, predictions)
-  normalised = [(squad_normalize(t), squad_normalize(p))
-                for t, p in zip(targets, predictions)]
+  normalised = [
+      (squad_normalize(t), squad_normalize(p))
+      for t, p in zip(targets, predictions)
+  ]
   return {
       "f1": _mean_percent([_token_f1(t, p) for t, p in normalised]),
       "exact_match": _mean_percent([t == p for t, p in normalised]),
@@ -162,8 +165,9 @@ def _parse_ner_items(text: str) -> list[tuple[str, str]]:
   return pairs
 
 
-def span_f1(targets: Sequence[str],
-            predictions: Sequence[str]) -> dict[str, float]:
+def span_f1(
+    targets: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
   """Micro-averaged span F1 for linearised NER outputs (official: "span_f1").
 
   For each example, every predicted (label, entity) pair is a true positive
@@ -206,8 +210,9 @@ def span_f1(targets: Sequence[str],
 # ----------------------------------------------------------------------------
 
 
-def sequence_accuracy(targets: Sequence[str],
-                      predictions: Sequence[str]) -> dict[str, float]:
+def sequence_accuracy(
+    targets: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
   """Exact-match accuracy: 100 * mean([t == p]) on raw, unstripped strings.
 
   Args:
@@ -219,13 +224,15 @@ def sequence_accuracy(targets: Sequence[str],
   """
   _check_inputs(targets, predictions)
   return {
-      "sequence_accuracy":
-          _mean_percent([t == p for t, p in zip(targets, predictions)])
+      "sequence_accuracy": _mean_percent(
+          [t == p for t, p in zip(targets, predictions)]
+      )
   }
 
 
-def chrf(targets: Sequence[str],
-         predictions: Sequence[str]) -> dict[str, float]:
+def chrf(
+    targets: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
   """Corpus-level chrF (official MT metric), in [0, 100].
 
   sacrebleu 2.x `corpus_chrf(predictions, [targets]).score` with defaults:
@@ -247,8 +254,9 @@ def chrf(targets: Sequence[str],
   return {"chrf": float(score)}
 
 
-def bleu(targets: Sequence[str],
-         predictions: Sequence[str]) -> dict[str, float]:
+def bleu(
+    targets: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
   """Corpus BLEU (training-time diagnostic for MT; not an official metric).
 
   sacrebleu `corpus_bleu(predictions, [targets], tokenize="intl",
@@ -331,16 +339,22 @@ def edit_distance(a: str, b: str) -> int:
   for i, char_a in enumerate(a, start=1):
     current = [i]
     for j, char_b in enumerate(b, start=1):
-      current.append(min(previous[j] + 1,
-                         current[j - 1] + 1,
-                         previous[j - 1] + (char_a != char_b)))
+      current.append(
+          min(
+              previous[j] + 1,
+              current[j - 1] + 1,
+              previous[j - 1] + (char_a != char_b),
+          )
+      )
     previous = current
   return previous[-1]
 
 
-def cer(targets: Sequence[str],
-        predictions: Sequence[str],
-        normalize_asr: bool = False) -> dict[str, float]:
+def cer(
+    targets: Sequence[str],
+    predictions: Sequence[str],
+    normalize_asr: bool = False,
+) -> dict[str, float]:
   """Corpus-level character error rate, in percent (lower is better).
 
   Optionally applies `asr_normalize` to both sides, then Unicode NFKC to both
@@ -376,8 +390,9 @@ def cer(targets: Sequence[str],
   return {key: 100.0 * total_edits / total_chars}
 
 
-def cer_normalized(targets: Sequence[str],
-                   predictions: Sequence[str]) -> dict[str, float]:
+def cer_normalized(
+    targets: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
   """ASR metric: `cer(targets, predictions, normalize_asr=True)`.
 
   Args:
@@ -390,8 +405,9 @@ def cer_normalized(targets: Sequence[str],
   return cer(targets, predictions, normalize_asr=True)
 
 
-def exact_match_and_cer(targets: Sequence[str],
-                        predictions: Sequence[str]) -> dict[str, float]:
+def exact_match_and_cer(
+    targets: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
   """Raw exact match and un-normalised CER (for the offline demo mixture).
 
   Args:
@@ -403,8 +419,9 @@ def exact_match_and_cer(targets: Sequence[str],
   """
   _check_inputs(targets, predictions)
   return {
-      "exact_match":
-          _mean_percent([t == p for t, p in zip(targets, predictions)]),
+      "exact_match": _mean_percent(
+          [t == p for t, p in zip(targets, predictions)]
+      ),
       "cer": cer(targets, predictions)["cer"],
   }
 
@@ -414,8 +431,9 @@ def exact_match_and_cer(targets: Sequence[str],
 # ----------------------------------------------------------------------------
 
 
-def top3_accuracy(targets: Sequence[str],
-                  predictions: Sequence[Sequence[str]]) -> dict[str, float]:
+def top3_accuracy(
+    targets: Sequence[str], predictions: Sequence[Sequence[str]]
+) -> dict[str, float]:
   """Acc@3: 100 * mean([t in top3]) with exact, case-sensitive matching.
 
   Args:
@@ -431,23 +449,28 @@ def top3_accuracy(targets: Sequence[str],
   """
   _check_inputs(targets, predictions)
   for index, top3 in enumerate(predictions):
-    if (isinstance(top3, (str, bytes)) or len(top3) != _TOP_K or
-        not all(isinstance(word, str) for word in top3)):
+    if (
+        isinstance(top3, (str, bytes))
+        or len(top3) != _TOP_K
+        or not all(isinstance(word, str) for word in top3)
+    ):
       raise ValueError(
           f"Prediction at index {index} must be a list of exactly {_TOP_K}"
           f" strings; got {top3!r}."
       )
   return {
-      "top3_accuracy":
-          _mean_percent([
+      "top3_accuracy": _mean_percent(
+          [
               any(word == target for word in top3)
               for target, top3 in zip(targets, predictions)
-          ])
+          ]
+      )
   }
 
 
-def mrr_at_10(targets: Sequence[str],
-              predictions: Sequence[Sequence[str]]) -> dict[str, float]:
+def mrr_at_10(
+    targets: Sequence[str], predictions: Sequence[Sequence[str]]
+) -> dict[str, float]:
   """Mean reciprocal rank at 10 for retrieval, as a fraction in [0, 1].
 
   MRR@10 = mean_i 1 / rank_i, where rank_i is the 1-based position of the
@@ -512,8 +535,9 @@ OFFICIAL_METRIC: dict[str, str] = {
 }
 
 
-def aggregate_xtreme_up(task_scores: Mapping[str, float],
-                        fix_asr_quirk: bool = False) -> float:
+def aggregate_xtreme_up(
+    task_scores: Mapping[str, float], fix_asr_quirk: bool = False
+) -> float:
   """Overall XTREME-UP score, following the official `score_system.py`.
 
   Each input is a task score: the mean over the task's under-represented

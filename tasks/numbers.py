@@ -47,11 +47,27 @@ from flix_tasks import featurized
 TASKS = ("cardinal", "ordinal", "year", "currency")
 # Latin, Cyrillic, Hebrew, Arabic and Japanese scripts; Germanic, Romance,
 # Slavic, Turkic, Uralic, Semitic and Japonic languages.
-DEFAULT_LANGUAGES = ("en", "de", "fr", "es", "it", "ru", "pl", "tr", "fi",
-                     "he", "ar", "ja")
+DEFAULT_LANGUAGES = (
+    "en",
+    "de",
+    "fr",
+    "es",
+    "it",
+    "ru",
+    "pl",
+    "tr",
+    "fi",
+    "he",
+    "ar",
+    "ja",
+)
 # Zero-shot pairs: each task and each language still appears in training.
-DEFAULT_HELD_OUT = (("ordinal", "fr"), ("year", "de"), ("currency", "ru"),
-                    ("cardinal", "he"))
+DEFAULT_HELD_OUT = (
+    ("ordinal", "fr"),
+    ("year", "de"),
+    ("currency", "ru"),
+    ("cardinal", "he"),
+)
 DEFAULT_TRAIN_SIZE = 2000
 DEFAULT_EVAL_SIZE = 200
 DEFAULT_MAX_NUMBER = 10_000
@@ -64,11 +80,14 @@ _ORDER_SALT = 2
 VOCABULARY = seqio.ByteVocabulary()
 
 
-def output_features(vocabulary: seqio.Vocabulary = VOCABULARY
-                    ) -> dict[str, seqio.Feature]:
+def output_features(
+    vocabulary: seqio.Vocabulary = VOCABULARY,
+) -> dict[str, seqio.Feature]:
   """Inputs and targets in `vocabulary`, each ending with EOS."""
-  return {name: seqio.Feature(vocabulary=vocabulary, add_eos=True)
-          for name in ("inputs", "targets")}
+  return {
+      name: seqio.Feature(vocabulary=vocabulary, add_eos=True)
+      for name in ("inputs", "targets")
+  }
 
 
 OUTPUT_FEATURES = output_features()
@@ -77,8 +96,9 @@ OUTPUT_FEATURES = output_features()
 # ---- Numbers and their spelling ----
 
 
-def value_range(task: str, max_number: int = DEFAULT_MAX_NUMBER
-                ) -> tuple[int, int]:
+def value_range(
+    task: str, max_number: int = DEFAULT_MAX_NUMBER
+) -> tuple[int, int]:
   """Half-open range `[low, high)` of a task's integer values.
 
   Currency values are amounts in cents, 1.00 up to (not including)
@@ -122,7 +142,8 @@ def _mix(values: np.ndarray, salt: int) -> np.ndarray:
   """SplitMix64 finaliser: a fixed, platform-independent integer hash."""
   with np.errstate(over="ignore"):
     z = values.astype(np.uint64) + np.uint64(salt) * np.uint64(
-        0x9E3779B97F4A7C15)
+        0x9E3779B97F4A7C15
+    )
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
@@ -138,8 +159,9 @@ def split_of(value: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def split_values(task: str, split: str,
-                 max_number: int = DEFAULT_MAX_NUMBER) -> np.ndarray:
+def split_values(
+    task: str, split: str, max_number: int = DEFAULT_MAX_NUMBER
+) -> np.ndarray:
   """All values of `task` in `split`, in a fixed pseudo-random order."""
   if split not in _SPLIT_BOUNDS:
     raise ValueError(f"Unknown split {split!r}; splits are {SPLITS}.")
@@ -157,12 +179,52 @@ def split_values(task: str, split: str,
 # ---- Which (task, language) pairs num2words really implements ----
 
 _CHECK_NUMBERS = {
-    "cardinal": (0, 1, 2, 3, 7, 11, 12, 20, 21, 99, 100, 101, 105, 110, 200,
-                 1000, 1001, 1234, 2000, 9999),
-    "ordinal": (1, 2, 3, 4, 7, 10, 11, 12, 20, 21, 99, 100, 101, 105, 110,
-                200, 1000, 1001, 1234, 2000, 9999),
-    "year": (1066, 1100, 1492, 1789, 1900, 1905, 1999, 2000, 2005, 2024,
-             2099),
+    "cardinal": (
+        0,
+        1,
+        2,
+        3,
+        7,
+        11,
+        12,
+        20,
+        21,
+        99,
+        100,
+        101,
+        105,
+        110,
+        200,
+        1000,
+        1001,
+        1234,
+        2000,
+        9999,
+    ),
+    "ordinal": (
+        1,
+        2,
+        3,
+        4,
+        7,
+        10,
+        11,
+        12,
+        20,
+        21,
+        99,
+        100,
+        101,
+        105,
+        110,
+        200,
+        1000,
+        1001,
+        1234,
+        2000,
+        9999,
+    ),
+    "year": (1066, 1100, 1492, 1789, 1900, 1905, 1999, 2000, 2005, 2024, 2099),
     "currency": (100, 101, 250, 1234, 2000, 9999, 10001, 99950),
 }
 _DIGIT = re.compile(r"[0-9]")
@@ -201,9 +263,9 @@ def pair_works(task: str, language: str) -> bool:
   return not any(same)
 
 
-def working_pairs(tasks: Sequence[str] = TASKS,
-                  languages: Sequence[str] = DEFAULT_LANGUAGES
-                  ) -> tuple[tuple[str, str], ...]:
+def working_pairs(
+    tasks: Sequence[str] = TASKS, languages: Sequence[str] = DEFAULT_LANGUAGES
+) -> tuple[tuple[str, str], ...]:
   """The `(task, language)` pairs num2words implements, in input order."""
   return tuple((t, l) for t in tasks for l in languages if pair_works(t, l))
 
@@ -212,9 +274,13 @@ def working_pairs(tasks: Sequence[str] = TASKS,
 
 
 @functools.lru_cache(maxsize=None)
-def examples(task: str, language: str, split: str, size: int,
-             max_number: int = DEFAULT_MAX_NUMBER
-             ) -> tuple[tuple[str, str], ...]:
+def examples(
+    task: str,
+    language: str,
+    split: str,
+    size: int,
+    max_number: int = DEFAULT_MAX_NUMBER,
+) -> tuple[tuple[str, str], ...]:
   """`(inputs, targets)` of up to `size` numbers of `split` (cached)."""
   out = []
   skipped = 0
@@ -226,22 +292,36 @@ def examples(task: str, language: str, split: str, size: int,
       continue
     out.append((make_inputs(task, language, int(value)), target))
   if skipped:
-    logging.warning("numbers_%s_%s/%s: num2words failed on %d numbers; "
-                    "skipped.", task, language, split, skipped)
+    logging.warning(
+        "numbers_%s_%s/%s: num2words failed on %d numbers; " "skipped.",
+        task,
+        language,
+        split,
+        skipped,
+    )
   return tuple(out)
 
 
-def _dataset_fn(split: str, shuffle_files: bool = False,
-                seed: Optional[int] = None, *, task: str, language: str,
-                sizes: dict[str, int], max_number: int) -> tf.data.Dataset:
+def _dataset_fn(
+    split: str,
+    shuffle_files: bool = False,
+    seed: Optional[int] = None,
+    *,
+    task: str,
+    language: str,
+    sizes: dict[str, int],
+    max_number: int,
+) -> tf.data.Dataset:
   del shuffle_files, seed  # Deterministic; the Task shuffles examples.
   pairs = examples(task, language, split, sizes[split], max_number)
   inputs = [p[0] for p in pairs]
   targets = [p[1] for p in pairs]
-  return tf.data.Dataset.from_tensor_slices({
-      "inputs": tf.constant(inputs, tf.string, shape=[len(inputs)]),
-      "targets": tf.constant(targets, tf.string, shape=[len(targets)]),
-  })
+  return tf.data.Dataset.from_tensor_slices(
+      {
+          "inputs": tf.constant(inputs, tf.string, shape=[len(inputs)]),
+          "targets": tf.constant(targets, tf.string, shape=[len(targets)]),
+      }
+  )
 
 
 # ---- Registration ----
@@ -311,10 +391,10 @@ def register_numbers(
   languages, tasks = tuple(languages), tuple(tasks)
   unknown_tasks = [t for t in tasks if t not in TASKS]
   if unknown_tasks:
-    raise ValueError(f"Unknown numbers tasks {unknown_tasks}; tasks are "
-                     f"{TASKS}.")
-  unknown_langs = [l for l in languages
-                   if l not in num2words.CONVERTER_CLASSES]
+    raise ValueError(
+        f"Unknown numbers tasks {unknown_tasks}; tasks are " f"{TASKS}."
+    )
+  unknown_langs = [l for l in languages if l not in num2words.CONVERTER_CLASSES]
   if unknown_langs:
     raise ValueError(f"num2words has no language(s) {unknown_langs}.")
   if train_size < 1 or eval_size < 1:
@@ -323,52 +403,66 @@ def register_numbers(
   pairs = working_pairs(tasks, languages)
   for task, language in ((t, l) for t in tasks for l in languages):
     if (task, language) not in pairs:
-      logging.info("numbers: num2words does not implement %s in %r; skipped.",
-                   task, language)
+      logging.info(
+          "numbers: num2words does not implement %s in %r; skipped.",
+          task,
+          language,
+      )
   held = []
   for pair in held_out:
     pair = tuple(pair)
     if pair in pairs:
       held.append(pair)
     else:
-      logging.warning("numbers: held-out pair %s is not registered; ignored.",
-                      pair)
+      logging.warning(
+          "numbers: held-out pair %s is not registered; ignored.", pair
+      )
   held = tuple(held)
   train_pairs = [p for p in pairs if p not in held]
   if not train_pairs:
     raise ValueError(
         f"No (task, language) pair of tasks={tasks}, languages={languages} "
-        "is left for training.")
+        "is left for training."
+    )
   for task, language in held:
     if not any(t == task for t, _ in train_pairs):
       logging.warning("numbers: held-out task %r has no training pair.", task)
     if not any(l == language for _, l in train_pairs):
-      logging.warning("numbers: held-out language %r has no training pair.",
-                      language)
+      logging.warning(
+          "numbers: held-out language %r has no training pair.", language
+      )
 
   metric_fns = featurized.default_metric_fns()
   features = output_features(vocabulary)
   names, counts = {}, {}
   for task, language in pairs:
     sizes = {
-        split: min(train_size if split == "train" else eval_size,
-                   len(split_values(task, split, max_number)))
+        split: min(
+            train_size if split == "train" else eval_size,
+            len(split_values(task, split, max_number)),
+        )
         for split in SPLITS
     }
     name = task_name(task, language, suffix)
     source = seqio.FunctionDataSource(
         dataset_fn=functools.partial(
-            _dataset_fn, task=task, language=language, sizes=sizes,
-            max_number=max_number),
+            _dataset_fn,
+            task=task,
+            language=language,
+            sizes=sizes,
+            max_number=max_number,
+        ),
         splits=SPLITS,
-        num_input_examples=sizes)
+        num_input_examples=sizes,
+    )
     featurized.add_task(
         name,
         source=source,
         preprocessors=featurized.text_preprocessors(),
         output_features=features,
         metric_fns=metric_fns,
-        features={"task": task, "language": language})
+        features={"task": task, "language": language},
+    )
     names[(task, language)] = name
     counts[(task, language)] = sizes
 
@@ -393,7 +487,8 @@ def register_numbers(
       eval_mixture=eval_mixture,
       multilingual_mixtures=multilingual,
       num_examples=counts,
-      max_number=max_number)
+      max_number=max_number,
+  )
 
 
 DEFAULT = register_numbers()

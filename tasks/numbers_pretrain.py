@@ -53,15 +53,19 @@ PRETRAIN_VOCABULARY = seqio.ByteVocabulary(extra_ids=125)  # vocab_size 384
 DEFAULT_NAME = "numbers_pretrain"
 
 
-def sentinel(index: int, vocab_size: int = PRETRAIN_VOCABULARY.vocab_size
-             ) -> int:
+def sentinel(
+    index: int, vocab_size: int = PRETRAIN_VOCABULARY.vocab_size
+) -> int:
   """Token id of sentinel `index` (0 = the vocabulary's last id)."""
   return vocab_size - 1 - index
 
 
-def spelled_texts(pairs: Sequence[tuple[str, str]], size: int,
-                  max_number: int = numbers.DEFAULT_MAX_NUMBER,
-                  digits_rate: float = 0.0) -> list[tuple[str, str]]:
+def spelled_texts(
+    pairs: Sequence[tuple[str, str]],
+    size: int,
+    max_number: int = numbers.DEFAULT_MAX_NUMBER,
+    digits_rate: float = 0.0,
+) -> list[tuple[str, str]]:
   """`(digits, spelling)` of up to `size` train-split numbers of every pair.
 
   `digits` is the number as written in the inputs ("994") for a
@@ -70,28 +74,36 @@ def spelled_texts(pairs: Sequence[tuple[str, str]], size: int,
   rng = np.random.default_rng(0)
   texts = []
   for task, language in pairs:
-    for inputs, target in numbers.examples(task, language, "train", size,
-                                           max_number):
+    for inputs, target in numbers.examples(
+        task, language, "train", size, max_number
+    ):
       digits = numbers.digits_of(inputs)
       texts.append((digits if rng.random() < digits_rate else "", target))
   return texts
 
 
-def tokenize(digits: str, spelling: str, vocabulary: seqio.Vocabulary
-             ) -> tuple[tuple[int, ...], int]:
+def tokenize(
+    digits: str, spelling: str, vocabulary: seqio.Vocabulary
+) -> tuple[tuple[int, ...], int]:
   """Tokens of "<digits> <spelling>" (or the spelling alone) and how many
   of them spell the digits (0 without digits)."""
   if not digits:
     return tuple(vocabulary.encode(spelling)), 0
-  return (tuple(vocabulary.encode(f"{digits} {spelling}")),
-          len(vocabulary.encode(digits)))
+  return (
+      tuple(vocabulary.encode(f"{digits} {spelling}")),
+      len(vocabulary.encode(digits)),
+  )
 
 
-def corrupt(tokens: Sequence[int], rng: np.random.Generator,
-            noise_density: float = 0.3, mean_span_length: float = 4.0,
-            prefix: bool = False,
-            vocab_size: int = PRETRAIN_VOCABULARY.vocab_size,
-            prefix_cut: int = 0) -> tuple[list[int], list[int]]:
+def corrupt(
+    tokens: Sequence[int],
+    rng: np.random.Generator,
+    noise_density: float = 0.3,
+    mean_span_length: float = 4.0,
+    prefix: bool = False,
+    vocab_size: int = PRETRAIN_VOCABULARY.vocab_size,
+    prefix_cut: int = 0,
+) -> tuple[list[int], list[int]]:
   """T5 span corruption of one token list -> (inputs, targets), no EOS.
 
   Args:
@@ -119,24 +131,31 @@ def corrupt(tokens: Sequence[int], rng: np.random.Generator,
     mask[cut:] = True
   else:
     num_noise = min(max(int(round(n * noise_density)), 1), n - 1)
-    num_spans = max(1, min(int(round(num_noise / mean_span_length)),
-                           num_noise, n - num_noise))
+    num_spans = max(
+        1,
+        min(int(round(num_noise / mean_span_length)), num_noise, n - num_noise),
+    )
+
     # Split noise and non-noise tokens into spans of random (>= 1) lengths.
     def _segments(total, parts):
-      cuts = np.sort(rng.choice(np.arange(1, total), parts - 1, replace=False)
-                     ) if parts > 1 else np.array([], int)
+      cuts = (
+          np.sort(rng.choice(np.arange(1, total), parts - 1, replace=False))
+          if parts > 1
+          else np.array([], int)
+      )
       return np.diff(np.concatenate([[0], cuts, [total]])).astype(int)
+
     noise = _segments(num_noise, num_spans)
     keep = _segments(n - num_noise, num_spans)
     start_with_noise = bool(rng.integers(2))
     position = 0
     for k, z in zip(keep, noise):
       if start_with_noise:
-        mask[position:position + z] = True
+        mask[position : position + z] = True
         position += z + k
       else:
         position += k
-        mask[position:position + z] = True
+        mask[position : position + z] = True
         position += z
   inputs, targets = [], []
   index = 0
@@ -155,45 +174,80 @@ def corrupt(tokens: Sequence[int], rng: np.random.Generator,
   return inputs, targets
 
 
-def corrupted_examples(texts: Sequence[tuple[Sequence[int], int]],
-                       vocab_size: int, copies: int, seed: int,
-                       noise_density: float, mean_span_length: float,
-                       prefix_rate: float
-                       ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+def corrupted_examples(
+    texts: Sequence[tuple[Sequence[int], int]],
+    vocab_size: int,
+    copies: int,
+    seed: int,
+    noise_density: float,
+    mean_span_length: float,
+    prefix_rate: float,
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
   """`copies` corruptions of every `tokenize`d text, as (inputs, targets)."""
   rng = np.random.default_rng(seed)
   inputs, targets = [], []
   for tokens, digits_length in texts:
     for _ in range(copies):
-      x, y = corrupt(tokens, rng, noise_density, mean_span_length,
-                     prefix=bool(rng.random() < prefix_rate),
-                     vocab_size=vocab_size, prefix_cut=digits_length)
+      x, y = corrupt(
+          tokens,
+          rng,
+          noise_density,
+          mean_span_length,
+          prefix=bool(rng.random() < prefix_rate),
+          vocab_size=vocab_size,
+          prefix_cut=digits_length,
+      )
       inputs.append(np.asarray(x, np.int32))
       targets.append(np.asarray(y, np.int32))
   order = rng.permutation(len(inputs))
   return (tuple(inputs[i] for i in order), tuple(targets[i] for i in order))
 
 
-def _dataset_fn(split: str, shuffle_files: bool = False,
-                seed: Optional[int] = None, *, texts_fn, vocab_size, copies,
-                noise_density, mean_span_length, prefix_rate,
-                num_validation) -> tf.data.Dataset:
+def _dataset_fn(
+    split: str,
+    shuffle_files: bool = False,
+    seed: Optional[int] = None,
+    *,
+    texts_fn,
+    vocab_size,
+    copies,
+    noise_density,
+    mean_span_length,
+    prefix_rate,
+    num_validation,
+) -> tf.data.Dataset:
   del shuffle_files, seed  # Deterministic; the Task shuffles examples.
   texts = texts_fn()
   if split == "train":
-    inputs, targets = corrupted_examples(texts, vocab_size, copies, 0,
-                                         noise_density, mean_span_length,
-                                         prefix_rate)
+    inputs, targets = corrupted_examples(
+        texts,
+        vocab_size,
+        copies,
+        0,
+        noise_density,
+        mean_span_length,
+        prefix_rate,
+    )
   else:
-    inputs, targets = corrupted_examples(texts[:num_validation], vocab_size,
-                                         1, 1, noise_density,
-                                         mean_span_length, prefix_rate)
-  return tf.data.Dataset.from_tensor_slices({
-      "inputs": tf.ragged.constant([x.tolist() for x in inputs],
-                                   dtype=tf.int32),
-      "targets": tf.ragged.constant([y.tolist() for y in targets],
-                                    dtype=tf.int32),
-  })
+    inputs, targets = corrupted_examples(
+        texts[:num_validation],
+        vocab_size,
+        1,
+        1,
+        noise_density,
+        mean_span_length,
+        prefix_rate,
+    )
+  return tf.data.Dataset.from_tensor_slices(
+      {
+          "inputs": tf.ragged.constant(
+              [x.tolist() for x in inputs], dtype=tf.int32
+          ),
+          "targets": tf.ragged.constant(
+              [y.tolist() for y in targets], dtype=tf.int32
+          ),
+      }
+  )
 
 
 def register_pretrain(
@@ -234,35 +288,49 @@ def register_pretrain(
   """
   pairs = numbers.working_pairs(tuple(tasks), tuple(languages))
   if not pairs:
-    raise ValueError(f"No working (task, language) pair in {tasks} x "
-                     f"{languages}.")
+    raise ValueError(
+        f"No working (task, language) pair in {tasks} x " f"{languages}."
+    )
   if not vocabulary.extra_ids:
-    raise ValueError("Span corruption needs a vocabulary with extra ids "
-                     "(sentinels).")
+    raise ValueError(
+        "Span corruption needs a vocabulary with extra ids " "(sentinels)."
+    )
 
   @functools.lru_cache(maxsize=1)
   def tokenized_texts():  # On first use: registering at import stays cheap.
-    return tuple(tokenize(digits, spelling, vocabulary)
-                 for digits, spelling in spelled_texts(pairs, size,
-                                                       max_number,
-                                                       digits_rate))
+    return tuple(
+        tokenize(digits, spelling, vocabulary)
+        for digits, spelling in spelled_texts(
+            pairs, size, max_number, digits_rate
+        )
+    )
 
-  logging.info("%s: %d pairs, ~%d examples.", name, len(pairs),
-               len(pairs) * size * copies)
+  logging.info(
+      "%s: %d pairs, ~%d examples.",
+      name,
+      len(pairs),
+      len(pairs) * size * copies,
+  )
   source = seqio.FunctionDataSource(
       dataset_fn=functools.partial(
-          _dataset_fn, texts_fn=tokenized_texts,
+          _dataset_fn,
+          texts_fn=tokenized_texts,
           vocab_size=vocabulary.vocab_size,
-          copies=copies, noise_density=noise_density,
-          mean_span_length=mean_span_length, prefix_rate=prefix_rate,
-          num_validation=num_validation),
-      splits=("train", "validation"))
+          copies=copies,
+          noise_density=noise_density,
+          mean_span_length=mean_span_length,
+          prefix_rate=prefix_rate,
+          num_validation=num_validation,
+      ),
+      splits=("train", "validation"),
+  )
   return featurized.add_task(
       name,
       source=source,
       preprocessors=[seqio.preprocessors.append_eos_after_trim],
       output_features=numbers.output_features(vocabulary),
-      features=None)
+      features=None,
+  )
 
 
 DEFAULT = register_pretrain()

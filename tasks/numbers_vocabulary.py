@@ -32,13 +32,15 @@ from flix_tasks import numbers
 _SPECIAL_IDS = {"pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": -1}
 
 
-def training_texts(pairs: Sequence[tuple[str, str]], size: int,
-                   max_number: int) -> list[str]:
+def training_texts(
+    pairs: Sequence[tuple[str, str]], size: int, max_number: int
+) -> list[str]:
   """Inputs and targets of up to `size` train-split numbers of every pair."""
   texts = []
   for task, language in pairs:
-    for inputs, targets in numbers.examples(task, language, "train", size,
-                                            max_number):
+    for inputs, targets in numbers.examples(
+        task, language, "train", size, max_number
+    ):
       texts += [inputs, targets]
   return texts
 
@@ -50,11 +52,17 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
   """
   model = io.BytesIO()
   sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=model,
-      vocab_size=vocab_size, model_type="unigram", split_digits=True,
-      character_coverage=1.0, num_threads=1, minloglevel=2,
+      sentence_iterator=iter(texts),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type="unigram",
+      split_digits=True,
+      character_coverage=1.0,
+      num_threads=1,
+      minloglevel=2,
       hard_vocab_limit=False,
-      **_SPECIAL_IDS)
+      **_SPECIAL_IDS,
+  )
   return model.getvalue()
 
 
@@ -81,16 +89,22 @@ def sentencepiece_vocabulary(
   Returns:
     A `seqio.SentencePieceVocabulary` with `vocab_size + extra_ids` ids.
   """
-  settings = {"pairs": [list(p) for p in pairs], "vocab_size": vocab_size,
-              "size": size, "max_number": max_number,
-              "sentencepiece": sentencepiece.__version__}
-  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()
-                       ).hexdigest()[:12]
+  settings = {
+      "pairs": [list(p) for p in pairs],
+      "vocab_size": vocab_size,
+      "size": size,
+      "max_number": max_number,
+      "sentencepiece": sentencepiece.__version__,
+  }
+  key = hashlib.sha256(
+      json.dumps(settings, sort_keys=True).encode()
+  ).hexdigest()[:12]
   path = os.path.join(cache_dir, f"numbers_spm-{key}.model")
   if not os.path.exists(path):
     os.makedirs(cache_dir, exist_ok=True)
-    proto = train_sentencepiece(training_texts(pairs, size, max_number),
-                                vocab_size)
+    proto = train_sentencepiece(
+        training_texts(pairs, size, max_number), vocab_size
+    )
     # Atomic: concurrent runs never read a half-written model.
     handle, temporary = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
     with os.fdopen(handle, "wb") as f:

@@ -80,14 +80,23 @@ from flix_tasks import featurized
 from flix_tasks import metrics
 
 DOWNLOAD_URL = (
-    "https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz")
+    "https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz"
+)
 ROOT_ENV_VAR = "XTREME_UP_DIR"
 # mT5's SentencePiece model (multilingual_t5.vocab.DEFAULT_SPM_PATH).
 DEFAULT_SPM_PATH = "gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model"
 SPLITS = ("train", "validation", "test")
 MODELS = ("byt5", "mt5")
-TASKS = ("qa_in_lang", "qa_cross_lang", "ner", "semantic_parsing",
-         "translation", "transliteration", "autocomplete", "asr")
+TASKS = (
+    "qa_in_lang",
+    "qa_cross_lang",
+    "ner",
+    "semantic_parsing",
+    "translation",
+    "transliteration",
+    "autocomplete",
+    "asr",
+)
 # Codes for one language that differ between XTREME-UP tasks -> the code used
 # by the other tasks (translation), so that they share a language adapter.
 LANGUAGE_ALIASES = {"cmn": "zh", "nb": "no"}
@@ -95,12 +104,13 @@ LANGUAGE_ALIASES = {"cmn": "zh", "nb": "no"}
 # Not under-represented per XTREME-UP `evaluation/constants.py`; the baseline
 # translation mixture and the baseline ASR tasks cover only the others.
 _TRANSLATION_NOT_UL = frozenset(
-    "ar ca cs de es fa fi fr hi hr hu it ja ko nl pl pt ru sr sv tr vi zh"
-    .split())
+    "ar ca cs de es fa fi fr hi hr hu it ja ko nl pl pt ru sr sv tr vi zh".split()
+)
 _ASR_NOT_UL = frozenset(
     "ar_eg ca_es cmn_hans_cn cmn_hant_hk cs_cz de_de en_us es_419 fa_ir fi_fi"
     " fr_fr hi_in hr_hr hu_hu it_it ja_jp ko_kr nl_nl pl_pl pt_br ru_ru sr_rs"
-    " sv_se tr_tr vi_vn".split())
+    " sv_se tr_tr vi_vn".split()
+)
 
 _QA_TEMPLATE = "question: {question} title: {title} context: {context}"
 _NER_SEPARATOR = " $$ "
@@ -155,7 +165,8 @@ def task_name(task: str, file_key: str, model: str) -> str:
     return f"xtreme_up_translation_en_{language}{suffix}"
   if task == "transliteration":
     source, target, language = _match(
-        _TRANSLITERATION_FILE_RE, task, file_key).groups()
+        _TRANSLITERATION_FILE_RE, task, file_key
+    ).groups()
     return f"xtreme_up_transliteration_{language}_{source}_{target}_{model}"
   return f"xtreme_up_{task}_{file_key}_{model}"
 
@@ -165,13 +176,16 @@ def _match(pattern: re.Pattern[str], task: str, file_key: str) -> re.Match[str]:
   if match is None:
     raise ValueError(
         f"{task} file name {file_key!r}.jsonl does not match "
-        f"{pattern.pattern!r}.jsonl.")
+        f"{pattern.pattern!r}.jsonl."
+    )
   return match
 
 
 def _is_valid_file_key(task: str, file_key: str) -> bool:
-  pattern = {"transliteration": _TRANSLITERATION_FILE_RE,
-             "translation": _TRANSLATION_FILE_RE}.get(task, _FILE_RE)
+  pattern = {
+      "transliteration": _TRANSLITERATION_FILE_RE,
+      "translation": _TRANSLATION_FILE_RE,
+  }.get(task, _FILE_RE)
   return pattern.fullmatch(file_key) is not None
 
 
@@ -218,7 +232,8 @@ def ner_target(text: str, spans: Sequence[Mapping[str, Any]]) -> str:
     start, limit = span["start_byte"], span["limit_byte"]
     if not 0 <= start <= limit <= len(data):
       raise ValueError(
-          f"span [{start}, {limit}) outside the {len(data)} bytes of the text")
+          f"span [{start}, {limit}) outside the {len(data)} bytes of the text"
+      )
     try:
       entity = data[start:limit].decode("utf-8")
     except UnicodeDecodeError as e:
@@ -229,8 +244,12 @@ def ner_target(text: str, spans: Sequence[Mapping[str, Any]]) -> str:
   return _NER_SEPARATOR.join(items).replace("\t", " ")
 
 
-def format_example(task: str, file_key: str, record: Mapping[str, Any],
-                   translation_prefix: str = "") -> tuple[str, str]:
+def format_example(
+    task: str,
+    file_key: str,
+    record: Mapping[str, Any],
+    translation_prefix: str = "",
+) -> tuple[str, str]:
   """One JSONL record -> `(inputs, targets)` with the baseline's templates.
 
   Args:
@@ -245,8 +264,10 @@ def format_example(task: str, file_key: str, record: Mapping[str, Any],
   """
   if task in ("qa_in_lang", "qa_cross_lang"):
     inputs = _QA_TEMPLATE.format(
-        question=_text(record, "question"), title=_text(record, "title"),
-        context=_text(record, "context"))
+        question=_text(record, "question"),
+        title=_text(record, "title"),
+        context=_text(record, "context"),
+    )
     return inputs, _text(record, "target")
   if task == "ner":
     text = _text(record, "text")
@@ -255,7 +276,8 @@ def format_example(task: str, file_key: str, record: Mapping[str, Any],
     return text.replace("\t", " "), ner_target(text, record["spans"])
   if task == "transliteration":
     source, target, language = _match(
-        _TRANSLITERATION_FILE_RE, task, file_key).groups()
+        _TRANSLITERATION_FILE_RE, task, file_key
+    ).groups()
     inputs = f"{language}-{source}-{target} {_text(record, 'input')}"
     return inputs, _text(record, "target")
   if task == "autocomplete":
@@ -270,8 +292,9 @@ def format_example(task: str, file_key: str, record: Mapping[str, Any],
   raise ValueError(f"Unknown XTREME-UP task {task!r}.")
 
 
-def autocomplete_postprocess(output: Any, example: Any = None,
-                             is_target: bool = False) -> Any:
+def autocomplete_postprocess(
+    output: Any, example: Any = None, is_target: bool = False
+) -> Any:
   """Gives `top3_accuracy` 3 predictions when decoding returned only one.
 
   Targets and multi-decode predictions (3 strings) pass through unchanged; a
@@ -298,8 +321,13 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 class _JsonlDatasetFn:
   """`dataset_fn` of a `seqio.FunctionDataSource` over one file per split."""
 
-  def __init__(self, task: str, file_key: str, files: Mapping[str, str],
-               translation_prefix: str):
+  def __init__(
+      self,
+      task: str,
+      file_key: str,
+      files: Mapping[str, str],
+      translation_prefix: str,
+  ):
     self._task = task
     self._file_key = file_key
     self._files = dict(files)
@@ -309,19 +337,24 @@ class _JsonlDatasetFn:
     for line_number, record in _read_jsonl(path):
       try:
         inputs, targets = format_example(
-            self._task, self._file_key, record, self._translation_prefix)
+            self._task, self._file_key, record, self._translation_prefix
+        )
       except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}:{line_number}: {e}") from e
       yield {"inputs": inputs, "targets": targets}
 
-  def __call__(self, split: str, shuffle_files: bool,
-               seed: Optional[int] = None) -> tf.data.Dataset:
+  def __call__(
+      self, split: str, shuffle_files: bool, seed: Optional[int] = None
+  ) -> tf.data.Dataset:
     del shuffle_files, seed  # One file per split; SeqIO shuffles examples.
     path = self._files[split]
     return tf.data.Dataset.from_generator(
         lambda: self._examples(path),
-        output_signature={"inputs": tf.TensorSpec((), tf.string),
-                          "targets": tf.TensorSpec((), tf.string)})
+        output_signature={
+            "inputs": tf.TensorSpec((), tf.string),
+            "targets": tf.TensorSpec((), tf.string),
+        },
+    )
 
 
 class _LineCounts(Mapping[str, int]):
@@ -382,7 +415,8 @@ def _missing_data_error(what: str, path: str) -> FileNotFoundError:
   return FileNotFoundError(
       f"XTREME-UP {what} not found: {path}. Download {DOWNLOAD_URL}, extract "
       f"it, and pass the extracted directory (the one holding qa_in_lang/, "
-      f"ner/, ...) as `root` or set ${ROOT_ENV_VAR}.")
+      f"ner/, ...) as `root` or set ${ROOT_ENV_VAR}."
+  )
 
 
 def _scan(root: str, task: str, include_code_switched: bool) -> list[_File]:
@@ -397,27 +431,33 @@ def _scan(root: str, task: str, include_code_switched: bool) -> list[_File]:
       continue
     for filename in tf.io.gfile.listdir(split_dir):
       if filename.endswith(".jsonl"):
-        key = filename[:-len(".jsonl")]
+        key = filename[: -len(".jsonl")]
         by_key.setdefault(key, {})[split] = os.path.join(split_dir, filename)
   found = []
   for key in sorted(by_key):
     if not _is_valid_file_key(task, key):
-      logging.warning("Skipping %s: not an XTREME-UP %s file name.",
-                      os.path.join(task_dir, "*", key + ".jsonl"), task)
-    elif (task == "semantic_parsing" and key.endswith("_cs") and
-          not include_code_switched):
+      logging.warning(
+          "Skipping %s: not an XTREME-UP %s file name.",
+          os.path.join(task_dir, "*", key + ".jsonl"),
+          task,
+      )
+    elif (
+        task == "semantic_parsing"
+        and key.endswith("_cs")
+        and not include_code_switched
+    ):
       logging.info("Skipping code-switched semantic parsing file %s.", key)
     else:
       found.append(_File(task, key, by_key[key]))
   if not found:
     raise _missing_data_error(
-        f"{task} files", os.path.join(task_dir, "{" + ",".join(SPLITS) + "}",
-                                      "*.jsonl"))
+        f"{task} files",
+        os.path.join(task_dir, "{" + ",".join(SPLITS) + "}", "*.jsonl"),
+    )
   return found
 
 
-def _vocabulary(vocabulary: str,
-                spm_path: Optional[str]) -> seqio.Vocabulary:
+def _vocabulary(vocabulary: str, spm_path: Optional[str]) -> seqio.Vocabulary:
   if vocabulary == "byt5":
     return seqio.ByteVocabulary()
   if vocabulary == "mt5":
@@ -426,8 +466,12 @@ def _vocabulary(vocabulary: str,
   raise ValueError(f"vocabulary must be one of {MODELS}, got {vocabulary!r}.")
 
 
-def _register_task(file: _File, model: str, vocabulary: seqio.Vocabulary,
-                   translation_prefix: str) -> str:
+def _register_task(
+    file: _File,
+    model: str,
+    vocabulary: seqio.Vocabulary,
+    translation_prefix: str,
+) -> str:
   name = task_name(file.task, file.key, model)
   output_features = {
       "inputs": seqio.Feature(vocabulary, add_eos=True),
@@ -436,7 +480,8 @@ def _register_task(file: _File, model: str, vocabulary: seqio.Vocabulary,
   source = seqio.FunctionDataSource(
       _JsonlDatasetFn(file.task, file.key, file.files, translation_prefix),
       splits=tuple(s for s in SPLITS if s in file.files),
-      num_input_examples=_LineCounts(file.files))
+      num_input_examples=_LineCounts(file.files),
+  )
   featurized.add_task(
       name,
       source=source,
@@ -444,37 +489,46 @@ def _register_task(file: _File, model: str, vocabulary: seqio.Vocabulary,
       output_features=output_features,
       metric_fns=metrics.TASK_METRICS[file.task],
       features=features_of(file.task, file.key),
-      postprocess_fn=(autocomplete_postprocess
-                      if file.task == "autocomplete" else None))
+      postprocess_fn=(
+          autocomplete_postprocess if file.task == "autocomplete" else None
+      ),
+  )
   return name
 
 
-def _register_baseline_mixtures(files: Sequence[_File],
-                                names: Mapping[_File, str],
-                                model: str) -> list[str]:
+def _register_baseline_mixtures(
+    files: Sequence[_File], names: Mapping[_File, str], model: str
+) -> list[str]:
   """Registers the baseline's per-task mixtures (rate 1.0 per language)."""
   mixtures = {}
   for file in files:
     task, name = file.task, names[file]
     if task in ("translation", "asr"):
       mixtures.setdefault(f"xtreme_up_{task}_all_langs_{model}", []).append(
-          name)
+          name
+      )
       if not _is_under_represented(task, file.key):
         continue
     mixtures.setdefault(f"xtreme_up_{task}_{model}", []).append(name)
     if task == "semantic_parsing" and not file.key.endswith("_cs"):
       mixtures.setdefault(
-          f"xtreme_up_semantic_parsing.{model}.finetune.nocs", []).append(name)
+          f"xtreme_up_semantic_parsing.{model}.finetune.nocs", []
+      ).append(name)
   for name, members in mixtures.items():
     featurized.add_mixture(name, members, default_rate=1.0)
   return list(mixtures)
 
 
-def _held_out(file: _File,
-              holdout: set[tuple[str, str]]) -> set[tuple[str, str]]:
+def _held_out(
+    file: _File, holdout: set[tuple[str, str]]
+) -> set[tuple[str, str]]:
   """The hold-out pairs that select `file` (by language or file name)."""
-  return {pair for pair in holdout if pair[0] == file.task and
-          pair[1] in (language_of(file.task, file.key), file.key)}
+  return {
+      pair
+      for pair in holdout
+      if pair[0] == file.task
+      and pair[1] in (language_of(file.task, file.key), file.key)
+  }
 
 
 def register_xtreme_up(
@@ -521,7 +575,8 @@ def register_xtreme_up(
   if not root:
     raise FileNotFoundError(
         f"No XTREME-UP directory given: pass `root` or set ${ROOT_ENV_VAR}. "
-        f"Download {DOWNLOAD_URL} and extract it.")
+        f"Download {DOWNLOAD_URL} and extract it."
+    )
   if not tf.io.gfile.isdir(root):
     raise _missing_data_error("directory", root)
   tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
@@ -529,21 +584,28 @@ def register_xtreme_up(
   if unknown:
     raise ValueError(
         f"Unknown or unsupported XTREME-UP tasks {unknown}; supported: "
-        f"{list(TASKS)} (retrieval needs a dual encoder and is not included).")
+        f"{list(TASKS)} (retrieval needs a dual encoder and is not included)."
+    )
   tasks = tuple(dict.fromkeys(tasks))
   vocab = _vocabulary(vocabulary, spm_path)
   model = vocabulary
-  files = [f for task in tasks
-           for f in _scan(root, task, include_code_switched)]
-  names = {f: _register_task(f, model, vocab, translation_prefix)
-           for f in files}
+  files = [
+      f for task in tasks for f in _scan(root, task, include_code_switched)
+  ]
+  names = {
+      f: _register_task(f, model, vocab, translation_prefix) for f in files
+  }
   mixtures = _register_baseline_mixtures(files, names, model)
   multitask = f"xtreme_up_multitask_{model}"
-  featurized.add_mixture(multitask, list(names.values()),
-                         default_rate=multitask_rate)
+  featurized.add_mixture(
+      multitask, list(names.values()), default_rate=multitask_rate
+  )
   registration = Registration(
-      model=model, tasks=tuple(names.values()),
-      mixtures=tuple(mixtures) + (multitask,), multitask=multitask)
+      model=model,
+      tasks=tuple(names.values()),
+      mixtures=tuple(mixtures) + (multitask,),
+      multitask=multitask,
+  )
   if not zero_shot_holdout:
     return registration
 
@@ -553,19 +615,28 @@ def register_xtreme_up(
   if unused:
     raise ValueError(
         f"zero_shot_holdout pairs {sorted(unused)} match no registered file "
-        f"(tasks {list(tasks)}, root {root}).")
+        f"(tasks {list(tasks)}, root {root})."
+    )
   if all(selected.values()):
     raise ValueError("zero_shot_holdout holds out every registered task.")
   train = f"xtreme_up_multitask_zeroshot_{model}"
   evaluation = f"xtreme_up_multitask_zeroshot_eval_{model}"
-  featurized.add_mixture(train, [names[f] for f in files if not selected[f]],
-                         default_rate=multitask_rate)
-  featurized.add_mixture(evaluation, list(names.values()),
-                         default_rate=multitask_rate)
+  featurized.add_mixture(
+      train,
+      [names[f] for f in files if not selected[f]],
+      default_rate=multitask_rate,
+  )
+  featurized.add_mixture(
+      evaluation, list(names.values()), default_rate=multitask_rate
+  )
   return dataclasses.replace(
-      registration, mixtures=registration.mixtures + (train, evaluation),
-      zeroshot_train=train, zeroshot_eval=evaluation,
-      held_out_tasks=tuple(names[f] for f in files if selected[f]))
+      registration,
+      mixtures=registration.mixtures + (train, evaluation),
+      zeroshot_train=train,
+      zeroshot_eval=evaluation,
+      held_out_tasks=tuple(names[f] for f in files if selected[f]),
+  )
+
 
 if os.environ.get(ROOT_ENV_VAR):
   for _model in MODELS:

@@ -11,8 +11,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = REPO.parent / "shared" / "testdata"
 
 
-def t5x_tree(vocab: int, d: int, hk: int, f: int, heads: int, buckets: int,
-             num_enc: int, num_dec: int, untied: bool = True) -> dict:
+def t5x_tree(
+    vocab: int,
+    d: int,
+    hk: int,
+    f: int,
+    heads: int,
+    buckets: int,
+    num_enc: int,
+    num_dec: int,
+    untied: bool = True,
+) -> dict:
   """{path: (shape, logical axes)} of T5X_NOTES.md §1.3, written out.
 
   d = emb_dim, hk = heads * head_dim, f = mlp_dim; gated-GELU MLP.
@@ -58,5 +67,4 @@ def t5x_tree(vocab: int, d: int, hk: int, f: int, heads: int, buckets: int,
 
 def t5x_shapes(*args, **kwargs) -> dict:
   """{path: shape} of `t5x_tree`."""
-  return {path: shape for path, (shape, _) in t5x_tree(*args,
-                                                       **kwargs).items()}
+  return {path: shape for path, (shape, _) in t5x_tree(*args, **kwargs).items()}

@@ -11,7 +11,8 @@ from flix import features as features_lib
 from flix_tasks import converter
 
 SPACE = features_lib.FeatureSpace.from_values(
-    {"task": ["cardinal", "ordinal"], "language": ["de", "en", "fr"]})
+    {"task": ["cardinal", "ordinal"], "language": ["de", "en", "fr"]}
+)
 LENGTHS = {"inputs": 12, "targets": 9}
 
 # Example i has tokens all equal to 10 + i (then EOS = 1), so every packed
@@ -44,10 +45,13 @@ def _dataset(examples=EXAMPLES, groups=("task", "language")):
         row[f"feature_{g}"] = features.get(g, "")
       yield row
 
-  signature = {"inputs": tf.TensorSpec([None], tf.int32),
-               "targets": tf.TensorSpec([None], tf.int32)}
+  signature = {
+      "inputs": tf.TensorSpec([None], tf.int32),
+      "targets": tf.TensorSpec([None], tf.int32),
+  }
   signature.update(
-      {f"feature_{g}": tf.TensorSpec([], tf.string) for g in groups})
+      {f"feature_{g}": tf.TensorSpec([], tf.string) for g in groups}
+  )
   return tf.data.Dataset.from_generator(_gen, output_signature=signature)
 
 
@@ -75,10 +79,10 @@ def test_unpacked_shapes_and_ids(unpacked):
     assert row["decoder_feature_ids"].shape == (9, 2)
     assert row["encoder_feature_ids"].dtype == np.int32
     ids = _expected_ids(EXAMPLES[i][0])
-    for tokens, fids in ((row["encoder_input_tokens"],
-                          row["encoder_feature_ids"]),
-                         (row["decoder_target_tokens"],
-                          row["decoder_feature_ids"])):
+    for tokens, fids in (
+        (row["encoder_input_tokens"], row["encoder_feature_ids"]),
+        (row["decoder_target_tokens"], row["decoder_feature_ids"]),
+    ):
       real = tokens != 0
       np.testing.assert_array_equal(fids[real], np.tile(ids, (real.sum(), 1)))
       np.testing.assert_array_equal(fids[~real], 0)
@@ -103,8 +107,10 @@ def test_packed_every_token_keeps_its_example_features(packed):
     assert set(row) == set(lengths)
     assert row["encoder_feature_ids"].shape == (12, 2)
     assert row["decoder_feature_ids"].shape == (9, 2)
-    for side, tokens_key in (("encoder", "encoder_input_tokens"),
-                             ("decoder", "decoder_target_tokens")):
+    for side, tokens_key in (
+        ("encoder", "encoder_input_tokens"),
+        ("decoder", "decoder_target_tokens"),
+    ):
       tokens = row[tokens_key]
       segments = row[f"{side}_segment_ids"]
       fids = row[f"{side}_feature_ids"]
@@ -120,14 +126,21 @@ def test_packed_every_token_keeps_its_example_features(packed):
           continue
         seen.add(example)
         np.testing.assert_array_equal(
-            fids[t], _expected_ids(EXAMPLES[example][0]),
-            err_msg=f"{side} token {t} of example {example}")
+            fids[t],
+            _expected_ids(EXAMPLES[example][0]),
+            err_msg=f"{side} token {t} of example {example}",
+        )
     # More than one example in a row, with different features.
     n_segments = row["encoder_segment_ids"].max()
     if n_segments > 1:
-      distinct = {tuple(row["encoder_feature_ids"][
-          np.argmax(row["encoder_segment_ids"] == s)])
-                  for s in range(1, n_segments + 1)}
+      distinct = {
+          tuple(
+              row["encoder_feature_ids"][
+                  np.argmax(row["encoder_segment_ids"] == s)
+              ]
+          )
+          for s in range(1, n_segments + 1)
+      }
       assert len(distinct) > 1
   assert seen == set(range(len(EXAMPLES)))
 
@@ -187,13 +200,20 @@ def test_bad_arguments():
 def test_encode_examples_matches_converter():
   vocab = seqio.ByteVocabulary()
   raw = [
-      {"inputs": "cardinal en: 12", "targets": "twelve",
-       "features": {"task": "cardinal", "language": "en"}},
-      {"inputs": "ordinal fr: 3", "targets": "troisième-long-trimmed",
-       "features": {"task": "ordinal"}},
+      {
+          "inputs": "cardinal en: 12",
+          "targets": "twelve",
+          "features": {"task": "cardinal", "language": "en"},
+      },
+      {
+          "inputs": "ordinal fr: 3",
+          "targets": "troisième-long-trimmed",
+          "features": {"task": "ordinal"},
+      },
   ]
-  batch = converter.encode_examples(raw, vocab, SPACE, {"inputs": 20,
-                                                        "targets": 9})
+  batch = converter.encode_examples(
+      raw, vocab, SPACE, {"inputs": 20, "targets": 9}
+  )
 
   def _gen():
     for ex in raw:
@@ -204,32 +224,45 @@ def test_encode_examples_matches_converter():
           "feature_language": ex["features"].get("language", ""),
       }
 
-  sig = {"inputs": tf.TensorSpec([None], tf.int32),
-         "targets": tf.TensorSpec([None], tf.int32),
-         "feature_task": tf.TensorSpec([], tf.string),
-         "feature_language": tf.TensorSpec([], tf.string)}
+  sig = {
+      "inputs": tf.TensorSpec([None], tf.int32),
+      "targets": tf.TensorSpec([None], tf.int32),
+      "feature_task": tf.TensorSpec([], tf.string),
+      "feature_language": tf.TensorSpec([], tf.string),
+  }
   ds = tf.data.Dataset.from_generator(_gen, output_signature=sig)
-  ds = ds.map(lambda x: {  # EOS kept after trimming, as seqio does.
-      **x, "inputs": tf.concat([x["inputs"][:19], [1]], 0),
-      "targets": tf.concat([x["targets"][:8], [1]], 0)})
+  ds = ds.map(
+      lambda x: {  # EOS kept after trimming, as seqio does.
+          **x,
+          "inputs": tf.concat([x["inputs"][:19], [1]], 0),
+          "targets": tf.concat([x["targets"][:8], [1]], 0),
+      }
+  )
   conv = converter.FlixFeatureConverter(SPACE, pack=False)
-  expected = next(conv(ds, {"inputs": 20, "targets": 9}).batch(2)
-                  .as_numpy_iterator())
+  expected = next(
+      conv(ds, {"inputs": 20, "targets": 9}).batch(2).as_numpy_iterator()
+  )
   assert set(batch) == set(expected)
   for key in batch:
     np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
   # Inference: no targets -> all padding.
   infer = converter.encode_examples(
-      [{"inputs": "x", "features": {"task": "ordinal"}}], vocab, SPACE,
-      {"inputs": 4, "targets": 3})
+      [{"inputs": "x", "features": {"task": "ordinal"}}],
+      vocab,
+      SPACE,
+      {"inputs": 4, "targets": 3},
+  )
   np.testing.assert_array_equal(infer["decoder_target_tokens"], 0)
-  np.testing.assert_array_equal(infer["encoder_feature_ids"][0, :2], [[2, 0]] * 2)
+  np.testing.assert_array_equal(
+      infer["encoder_feature_ids"][0, :2], [[2, 0]] * 2
+  )
 
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_empty_feature_space(pack):
   conv = converter.FlixFeatureConverter(
-      features_lib.FeatureSpace(groups=()), pack=pack)
+      features_lib.FeatureSpace(groups=()), pack=pack
+  )
   ds = conv(_dataset(), LENGTHS)
   assert ds.element_spec["encoder_feature_ids"].shape.as_list() == [12, 0]
   row = next(ds.as_numpy_iterator())

@@ -15,19 +15,23 @@ _OUTPUT_FEATURES = {
     "inputs": seqio.Feature(vocabulary=_VOCAB, add_eos=True),
     "targets": seqio.Feature(vocabulary=_VOCAB, add_eos=True),
 }
-_PREPROCESSORS = [seqio.preprocessors.tokenize,
-                  seqio.preprocessors.append_eos_after_trim]
+_PREPROCESSORS = [
+    seqio.preprocessors.tokenize,
+    seqio.preprocessors.append_eos_after_trim,
+]
 
 
 def _rows(split, shuffle_files=False, seed=None, *, rows):
   del split, shuffle_files, seed
   return tf.data.Dataset.from_tensor_slices(
-      {k: [r[k] for r in rows] for k in rows[0]})
+      {k: [r[k] for r in rows] for k in rows[0]}
+  )
 
 
 def _source(rows):
   return seqio.FunctionDataSource(
-      functools.partial(_rows, rows=rows), splits=("train", "validation"))
+      functools.partial(_rows, rows=rows), splits=("train", "validation")
+  )
 
 
 _ROWS = [{"inputs": "a", "targets": "b"}, {"inputs": "cc", "targets": "dd"}]
@@ -35,14 +39,21 @@ _ROWS = [{"inputs": "a", "targets": "b"}, {"inputs": "cc", "targets": "dd"}]
 
 def _add(name, features=None, feature_values=None, rows=_ROWS, **kwargs):
   return featurized.add_task(
-      name, _source(rows), _PREPROCESSORS, _OUTPUT_FEATURES,
-      metric_fns=featurized.default_metric_fns(), features=features,
-      feature_values=feature_values, **kwargs)
+      name,
+      _source(rows),
+      _PREPROCESSORS,
+      _OUTPUT_FEATURES,
+      metric_fns=featurized.default_metric_fns(),
+      features=features,
+      feature_values=feature_values,
+      **kwargs
+  )
 
 
 def _first(name, split="train"):
   ds = seqio.get_mixture_or_task(name).get_dataset(
-      None, split=split, shuffle=False, num_epochs=1)
+      None, split=split, shuffle=False, num_epochs=1
+  )
   return next(ds.as_numpy_iterator())
 
 
@@ -53,7 +64,9 @@ def test_constant_features_are_added_to_every_example():
   assert ex["feature_language"] == b"sw"
   assert ex["inputs_pretokenized"] == b"a"
   assert featurized.feature_values("ft_const") == {
-      "task": ("qa",), "language": ("sw",)}
+      "task": ("qa",),
+      "language": ("sw",),
+  }
 
 
 def test_reregistration_replaces():
@@ -64,8 +77,15 @@ def test_reregistration_replaces():
 
 
 def test_group_order_and_sorted_values_deterministic():
-  _add("ft_m1", features={"script": "Latn", "language": "fr", "task": "t2",
-                          "domain": "news"})
+  _add(
+      "ft_m1",
+      features={
+          "script": "Latn",
+          "language": "fr",
+          "task": "t2",
+          "domain": "news",
+      },
+  )
   _add("ft_m2", features={"task": "t1", "language": "de"})
   featurized.add_mixture("ft_mix", ["ft_m2", "ft_m1"])
   values = featurized.feature_values("ft_mix")
@@ -75,8 +95,15 @@ def test_group_order_and_sorted_values_deterministic():
   first = featurized.feature_space("ft_mix")
   # Re-registering (in the other order) gives the same vocabulary.
   _add("ft_m2", features={"task": "t1", "language": "de"})
-  _add("ft_m1", features={"script": "Latn", "language": "fr", "task": "t2",
-                          "domain": "news"})
+  _add(
+      "ft_m1",
+      features={
+          "script": "Latn",
+          "language": "fr",
+          "task": "t2",
+          "domain": "news",
+      },
+  )
   featurized.add_mixture("ft_mix", ["ft_m1", "ft_m2"])
   assert featurized.feature_space("ft_mix") == first
   assert first.group_names == ("task", "language", "domain", "script")
@@ -87,8 +114,13 @@ def test_feature_space_groups_and_knobs():
   _add("ft_s2", features={"task": "y", "language": "en"})
   featurized.add_mixture("ft_smix", ["ft_s1", "ft_s2"])
   space = featurized.feature_space(
-      "ft_smix", groups=("language", "task"), ranks={"task": 4, "language": 2},
-      alphas=8.0, dropout={"language": 0.25}, rslora=True)
+      "ft_smix",
+      groups=("language", "task"),
+      ranks={"task": 4, "language": 2},
+      alphas=8.0,
+      dropout={"language": 0.25},
+      rslora=True,
+  )
   assert isinstance(space, features_lib.FeatureSpace)
   assert space.group_names == ("language", "task")
   assert space.group("task").rank == 4
@@ -123,13 +155,18 @@ def test_seen_pairs_and_nested_mixtures():
   seen = featurized.seen_pairs("ft_p_train")
   assert seen == {("qa", "sw"), ("ner", "yo")}
   assert featurized.seen_pairs("ft_p_train", groups=("task",)) == {
-      ("qa",), ("ner",)}
+      ("qa",),
+      ("ner",),
+  }
   assert featurized.is_seen({"task": "qa", "language": "sw"}, seen)
   assert not featurized.is_seen({"task": "qa", "language": "yo"}, seen)
   assert featurized.feature_values("ft_p_eval") == {
-      "task": ("ner", "qa"), "language": ("sw", "yo")}
+      "task": ("ner", "qa"),
+      "language": ("sw", "yo"),
+  }
   assert frozenset({("task", "qa")}) in featurized.feature_combinations(
-      "ft_p_train")
+      "ft_p_train"
+  )
 
 
 def test_mixture_keeps_features_and_fills_missing_groups():
@@ -137,8 +174,12 @@ def test_mixture_keeps_features_and_fills_missing_groups():
   _add("ft_f_b", features={"task": "ner", "script": "Latn"})
   featurized.add_mixture("ft_f_mix", ["ft_f_a", "ft_f_b"])
   ds = seqio.get_mixture_or_task("ft_f_mix").get_dataset(
-      {"inputs": 8, "targets": 8}, split="train", shuffle=False,
-      num_epochs=None, seed=0)
+      {"inputs": 8, "targets": 8},
+      split="train",
+      shuffle=False,
+      num_epochs=None,
+      seed=0,
+  )
   rows = list(ds.take(40).as_numpy_iterator())
   assert {row["feature_task"] for row in rows} == {b"qa", b"ner"}
   for row in rows:
@@ -150,10 +191,16 @@ def test_mixture_keeps_features_and_fills_missing_groups():
 
 
 def test_source_provided_features_are_kept():
-  rows = [{"inputs": "a", "targets": "b", "feature_language": "sw"},
-          {"inputs": "c", "targets": "d", "feature_language": ""}]
-  _add("ft_src", feature_values={"language": ["sw"]}, rows=rows,
-       feature_combinations=[{"language": "sw"}, {}])
+  rows = [
+      {"inputs": "a", "targets": "b", "feature_language": "sw"},
+      {"inputs": "c", "targets": "d", "feature_language": ""},
+  ]
+  _add(
+      "ft_src",
+      feature_values={"language": ["sw"]},
+      rows=rows,
+      feature_combinations=[{"language": "sw"}, {}],
+  )
   assert featurized.feature_values("ft_src") == {"language": ("sw",)}
   assert _first("ft_src")["feature_language"] == b"sw"
 
@@ -170,7 +217,8 @@ def test_invalid_features_raise():
 def test_check_feature_values_warns(caplog):
   _add("ft_chk", features={"task": "qa", "language": "zz_check_unknown"})
   space = features_lib.FeatureSpace.from_values(
-      {"task": ["qa"], "language": ["sw"]})
+      {"task": ["qa"], "language": ["sw"]}
+  )
   with caplog.at_level(logging.WARNING):
     unknown = featurized.check_feature_values("ft_chk", space)
   assert unknown == {"language": ("zz_check_unknown",)}

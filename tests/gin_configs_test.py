@@ -7,8 +7,7 @@ import pytest
 
 from flix import gin_utils
 
-CONFIGS = sorted(
-    p for p in (pathlib.Path(gin_utils.CONFIG_DIR)).rglob("*.gin"))
+CONFIGS = sorted(p for p in (pathlib.Path(gin_utils.CONFIG_DIR)).rglob("*.gin"))
 DUMMIES = [
     "MODEL_DIR = '/tmp/dummy'",
     "MIXTURE_OR_TASK_NAME = 'numbers_multitask'",
@@ -34,16 +33,18 @@ COMPANIONS = {
 
 def _files_for(path):
   relative = path.relative_to(gin_utils.CONFIG_DIR)
-  companions = COMPANIONS.get(relative.parts[0], []) if len(
-      relative.parts) > 1 else []
+  companions = (
+      COMPANIONS.get(relative.parts[0], []) if len(relative.parts) > 1 else []
+  )
   config_dir = pathlib.Path(gin_utils.CONFIG_DIR)
   if relative.parts[0] == "ablations":
     return [str(config_dir / c) for c in companions] + [str(path)]
   return [str(path)] + [str(config_dir / c) for c in companions]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(
-    gin_utils.CONFIG_DIR)))
+@pytest.mark.parametrize(
+    "path", CONFIGS, ids=lambda p: str(p.relative_to(gin_utils.CONFIG_DIR))
+)
 def test_config_parses(path):
   gin.clear_config()
   try:
@@ -54,10 +55,19 @@ def test_config_parses(path):
 
 def test_configs_exist():
   names = {str(p.relative_to(gin_utils.CONFIG_DIR)) for p in CONFIGS}
-  for expected in ("demo.gin", "flix_mt5_xl.gin", "lora_mt5_xl.gin",
-                   "runs/finetune.gin", "runs/eval.gin", "runs/infer.gin",
-                   "models/mt5_xl.gin", "models/byt5_small.gin",
-                   "peft/flix.gin", "peft/lora.gin", "peft/full.gin"):
+  for expected in (
+      "demo.gin",
+      "flix_mt5_xl.gin",
+      "lora_mt5_xl.gin",
+      "runs/finetune.gin",
+      "runs/eval.gin",
+      "runs/infer.gin",
+      "models/mt5_xl.gin",
+      "models/byt5_small.gin",
+      "peft/flix.gin",
+      "peft/lora.gin",
+      "peft/full.gin",
+  ):
     assert expected in names
 
 
@@ -65,8 +75,9 @@ def test_missing_required_macro_names_it():
   gin.clear_config()
   try:
     with pytest.raises(ValueError, match="MODEL_DIR"):
-      gin_utils.parse_gin([str(pathlib.Path(gin_utils.CONFIG_DIR) /
-                               "demo.gin")], [])
+      gin_utils.parse_gin(
+          [str(pathlib.Path(gin_utils.CONFIG_DIR) / "demo.gin")], []
+      )
   finally:
     gin.clear_config()
 
@@ -77,12 +88,13 @@ def test_wrong_binding_says_what():
     with pytest.raises(ValueError, match="no_such_parameter"):
       gin_utils.parse_gin(
           [str(pathlib.Path(gin_utils.CONFIG_DIR) / "demo.gin")],
-          DUMMIES + ["trainer.train.no_such_parameter = 3"])
+          DUMMIES + ["trainer.train.no_such_parameter = 3"],
+      )
   finally:
     gin.clear_config()
 
 
 def test_gin_flag_rewriting():
   assert gin_utils.rewrite_gin_args(
-      ["prog", '--gin.MODEL_DIR="/x"', "--gin_file=a.gin"]) == [
-          "prog", '--gin_bindings=MODEL_DIR = "/x"', "--gin_file=a.gin"]
+      ["prog", '--gin.MODEL_DIR="/x"', "--gin_file=a.gin"]
+  ) == ["prog", '--gin_bindings=MODEL_DIR = "/x"', "--gin_file=a.gin"]

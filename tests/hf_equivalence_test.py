@@ -23,15 +23,25 @@ from flix import t5x_checkpoint
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-_HF_DIMS = dict(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=64,
-                num_layers=2, num_decoder_layers=2, dropout_rate=0.0,
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu")
+_HF_DIMS = dict(
+    vocab_size=128,
+    d_model=32,
+    d_kv=8,
+    num_heads=4,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=2,
+    dropout_rate=0.0,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+)
 _SPACE = features_lib.FeatureSpace.from_values(
     {"task": ["ordinal", "cardinal"], "language": ["en", "fr", "sw"]},
-    ranks={"task": 4, "language": 2}, alphas={"task": 16.0},
-    value_ranks={"language": {"sw": 3}})
+    ranks={"task": 4, "language": 2},
+    alphas={"task": 16.0},
+    value_ranks={"language": {"sw": 3}},
+)
 _ATOL = 1e-4
 
 
@@ -40,7 +50,8 @@ def hf_dir(tmp_path_factory):
   """A tiny random mT5 with an untied lm_head, saved with save_pretrained."""
   torch.manual_seed(0)
   model = transformers.MT5ForConditionalGeneration(
-      transformers.MT5Config(**_HF_DIMS))
+      transformers.MT5Config(**_HF_DIMS)
+  )
   with torch.no_grad():
     # transformers >= 5 forces MT5Config.tie_word_embeddings=True: untie by
     # hand, as in the released mT5 weights.
@@ -78,8 +89,11 @@ def _batch(num_groups=0, features=None):
   targets[1, 60:] = 0
   targets[2, 33:] = 0
   dec_in = np.concatenate([np.zeros((3, 1), np.int32), targets[:, :-1]], 1)
-  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
-           "decoder_target_tokens": targets}
+  batch = {
+      "encoder_input_tokens": enc,
+      "decoder_input_tokens": dec_in,
+      "decoder_target_tokens": targets,
+  }
   if num_groups:
     ids = _SPACE.encode(features)
     batch["encoder_feature_ids"] = np.broadcast_to(ids, (3, 140, num_groups))
@@ -92,27 +106,35 @@ def _hf_logits(model, batch):
     out = model(
         input_ids=torch.tensor(batch["encoder_input_tokens"], dtype=torch.long),
         attention_mask=torch.tensor(batch["encoder_input_tokens"] > 0),
-        decoder_input_ids=torch.tensor(batch["decoder_input_tokens"],
-                                       dtype=torch.long),
-        decoder_attention_mask=torch.tensor(
-            batch["decoder_target_tokens"] > 0))
+        decoder_input_ids=torch.tensor(
+            batch["decoder_input_tokens"], dtype=torch.long
+        ),
+        decoder_attention_mask=torch.tensor(batch["decoder_target_tokens"] > 0),
+    )
   return out.logits.float().numpy()
 
 
 def test_relative_position_buckets_match_transformers():
   from transformers.models.mt5 import modeling_mt5  # pylint: disable=g-import-not-at-top
+
   bucket_fn = modeling_mt5.MT5Attention._relative_position_bucket  # pylint: disable=protected-access
   relative = np.arange(-300, 301)[None, :]
   for bidirectional in (True, False):
     for num_buckets, max_distance in ((32, 128), (8, 16), (4, 8)):
-      expected = bucket_fn(torch.tensor(relative), bidirectional=bidirectional,
-                           num_buckets=num_buckets,
-                           max_distance=max_distance).numpy()
-      got = t5_layers.relative_position_bucket(relative, bidirectional,
-                                               num_buckets, max_distance)
+      expected = bucket_fn(
+          torch.tensor(relative),
+          bidirectional=bidirectional,
+          num_buckets=num_buckets,
+          max_distance=max_distance,
+      ).numpy()
+      got = t5_layers.relative_position_bucket(
+          relative, bidirectional, num_buckets, max_distance
+      )
       np.testing.assert_array_equal(
-          got, expected,
-          err_msg=f"{bidirectional=} {num_buckets=} {max_distance=}")
+          got,
+          expected,
+          err_msg=f"{bidirectional=} {num_buckets=} {max_distance=}",
+      )
 
 
 def test_encoder_and_logits_match_transformers(hf_dir, imported):
@@ -120,18 +142,30 @@ def test_encoder_and_logits_match_transformers(hf_dir, imported):
   module = network.Transformer(config)
   batch = _batch()
   enc, targets = batch["encoder_input_tokens"], batch["decoder_target_tokens"]
-  encoded = jax.jit(lambda p, t: module.apply(
-      {"params": p}, t, enable_dropout=False,
-      method=network.Transformer.encode))(params, enc)
-  logits = jax.jit(lambda p, b: module.apply(
-      {"params": p}, b["encoder_input_tokens"], b["decoder_input_tokens"],
-      b["decoder_target_tokens"], enable_dropout=False))(params, batch)
+  encoded = jax.jit(
+      lambda p, t: module.apply(
+          {"params": p},
+          t,
+          enable_dropout=False,
+          method=network.Transformer.encode,
+      )
+  )(params, enc)
+  logits = jax.jit(
+      lambda p, b: module.apply(
+          {"params": p},
+          b["encoder_input_tokens"],
+          b["decoder_input_tokens"],
+          b["decoder_target_tokens"],
+          enable_dropout=False,
+      )
+  )(params, batch)
 
   hf_model = _load_hf(hf_dir)
   with torch.no_grad():
     hf_encoded = hf_model.get_encoder()(
         input_ids=torch.tensor(enc, dtype=torch.long),
-        attention_mask=torch.tensor(enc > 0)).last_hidden_state.numpy()
+        attention_mask=torch.tensor(enc > 0),
+    ).last_hidden_state.numpy()
   hf_logits = _hf_logits(hf_model, batch)
   # Padded positions are masked differently (and unused): compare real ones.
   enc_diff = np.abs(np.asarray(encoded) - hf_encoded)[enc > 0].max()
@@ -146,17 +180,21 @@ def flix(imported):
   """A FLix model on the imported base, with random non-zero adapters."""
   config, base = imported
   model = models.FlixModel(
-      network.T5Config(**{**config.__dict__, "feature_space": _SPACE}))
+      network.T5Config(**{**config.__dict__, "feature_space": _SPACE})
+  )
   params = t5x_checkpoint.flatten_params(
-      jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
+      jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+  )
   rng = np.random.default_rng(1)
   # Their updates are of the kernels' size: much larger ones make float32
   # rounding grow past the tolerance (flix's own merged and unmerged forms
   # then differ by ~1e-3 too).
   for name, value in params.items():
-    params[name] = (rng.normal(0.0, 0.05, value.shape).astype(np.float32)
-                    if "/lora_" in name else
-                    t5x_checkpoint.flatten_params(base)[name])
+    params[name] = (
+        rng.normal(0.0, 0.05, value.shape).astype(np.float32)
+        if "/lora_" in name
+        else t5x_checkpoint.flatten_params(base)[name]
+    )
   return model, t5x_checkpoint.unflatten_params(params)
 
 
@@ -166,8 +204,9 @@ def test_peft_adapter_gives_flix_logits(hf_dir, flix, tmp_path):
   flix_logits = jax.jit(model.compute_logits)
   base_logits = _hf_logits(_load_hf(hf_dir), _batch())
 
-  for i, features in enumerate(({"task": "cardinal", "language": "sw"},
-                                {"language": "fr"})):
+  for i, features in enumerate(
+      ({"task": "cardinal", "language": "sw"}, {"language": "fr"})
+  ):
     directory = str(tmp_path / f"adapter_{i}")
     export.write_peft_adapter(directory, params, _SPACE, features, hf_dir)
     peft_model = peft.PeftModel.from_pretrained(_load_hf(hf_dir), directory)
@@ -176,38 +215,41 @@ def test_peft_adapter_gives_flix_logits(hf_dir, flix, tmp_path):
     mask = batch["decoder_target_tokens"] > 0
     expected = np.asarray(flix_logits(params, batch))[mask]
     got = _hf_logits(peft_model, batch)[mask]
-    np.testing.assert_allclose(got, expected, atol=_ATOL,
-                               err_msg=str(features))
+    np.testing.assert_allclose(got, expected, atol=_ATOL, err_msg=str(features))
     # The adapters were loaded (not PEFT's zero-initialised B).
     assert np.abs(base_logits[mask] - expected).max() > 1e-2
 
 
-def test_peft_rank_pattern_and_module_paths_load(hf_dir, imported, flix,
-                                                 tmp_path):
+def test_peft_rank_pattern_and_module_paths_load(
+    hf_dir, imported, flix, tmp_path
+):
   """Layers of different total rank, adapters in some modules only."""
   peft = pytest.importorskip("peft")
   config, _ = imported
   _, params = flix
   # No adapters in the decoder; no language adapter in one encoder layer.
-  params = t5x_checkpoint.unflatten_params({
-      name: value for name, value in
-      t5x_checkpoint.flatten_params(params).items()
-      if not (name.startswith("decoder/") and "/lora_" in name) and
-      not name.startswith("encoder/layers_1/mlp/wo/lora_a_language") and
-      not name.startswith("encoder/layers_1/mlp/wo/lora_b_language")})
+  params = t5x_checkpoint.unflatten_params(
+      {
+          name: value
+          for name, value in t5x_checkpoint.flatten_params(params).items()
+          if not (name.startswith("decoder/") and "/lora_" in name)
+          and not name.startswith("encoder/layers_1/mlp/wo/lora_a_language")
+          and not name.startswith("encoder/layers_1/mlp/wo/lora_b_language")
+      }
+  )
   features = {"task": "ordinal", "language": "sw"}
   directory = str(tmp_path / "adapter")
-  adapter_config = export.write_peft_adapter(directory, params, _SPACE,
-                                             features, hf_dir)
+  adapter_config = export.write_peft_adapter(
+      directory, params, _SPACE, features, hf_dir
+  )
   assert adapter_config["r"] == 4 + 3
   assert list(adapter_config["rank_pattern"].values()) == [4]
-  assert all(m.startswith("encoder.") for m in
-             adapter_config["target_modules"])
+  assert all(m.startswith("encoder.") for m in adapter_config["target_modules"])
 
   merged_dir = str(tmp_path / "merged")
-  export.write_hf_model(merged_dir,
-                        export.merge_features(params, _SPACE, features),
-                        config)
+  export.write_hf_model(
+      merged_dir, export.merge_features(params, _SPACE, features), config
+  )
   batch = _batch()
   mask = batch["decoder_target_tokens"] > 0
   expected = _hf_logits(_load_hf(merged_dir), batch)[mask]
@@ -216,5 +258,6 @@ def test_peft_rank_pattern_and_module_paths_load(hf_dir, imported, flix,
   np.testing.assert_allclose(got, expected, atol=_ATOL)
   lora_b = dict(peft_model.named_parameters())[
       "base_model.model.encoder.block.1.layer.1.DenseReluDense.wo.lora_B."
-      "default.weight"]
+      "default.weight"
+  ]
   assert tuple(lora_b.shape) == (32, 4)

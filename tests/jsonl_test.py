@@ -11,24 +11,38 @@ from flix_tasks import featurized
 from flix_tasks import jsonl
 
 TRAIN = [
-    {"inputs": "ask sw", "targets": "jibu",
-     "features": {"task": "qa", "language": "sw"}},
-    {"inputs": "tag yo", "targets": "B-PER",
-     "features": {"task": "ner", "language": "yo", "script": "Latn"}},
+    {
+        "inputs": "ask sw",
+        "targets": "jibu",
+        "features": {"task": "qa", "language": "sw"},
+    },
+    {
+        "inputs": "tag yo",
+        "targets": "B-PER",
+        "features": {"task": "ner", "language": "yo", "script": "Latn"},
+    },
     {"inputs": "no language", "targets": "x", "features": {"task": "qa"}},
     {"inputs": "no features", "targets": "y"},
 ]
 TEST = [
-    {"inputs": "zero-shot", "targets": "z",
-     "features": {"task": "ner", "language": "sw"}},
-    {"inputs": "new language", "targets": "w",
-     "features": {"task": "qa", "language": "ha"}},
+    {
+        "inputs": "zero-shot",
+        "targets": "z",
+        "features": {"task": "ner", "language": "sw"},
+    },
+    {
+        "inputs": "new language",
+        "targets": "w",
+        "features": {"task": "qa", "language": "ha"},
+    },
 ]
 
 
 def _write(path, rows, trailing="\n"):
-  path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
-                  + trailing, encoding="utf-8")
+  path.write_text(
+      "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + trailing,
+      encoding="utf-8",
+  )
   return str(path)
 
 
@@ -41,7 +55,8 @@ def files(tmp_path):
 
 def _rows(name, split):
   ds = seqio.get_mixture_or_task(name).get_dataset(
-      None, split=split, shuffle=False, num_epochs=1)
+      None, split=split, shuffle=False, num_epochs=1
+  )
   return list(ds.as_numpy_iterator())
 
 
@@ -80,14 +95,16 @@ def test_missing_group_is_absent_id(files):
   jsonl.register_jsonl_task("jl_ids", train)
   space = featurized.feature_space("jl_ids")
   conv = converter.FlixFeatureConverter(space, pack=False)
-  ds = seqio.get_dataset("jl_ids", {"inputs": 16, "targets": 8}, conv,
-                         shuffle=False)
+  ds = seqio.get_dataset(
+      "jl_ids", {"inputs": 16, "targets": 8}, conv, shuffle=False
+  )
   rows = list(ds.as_numpy_iterator())
   first_token_ids = [r["encoder_feature_ids"][0].tolist() for r in rows]
   # Groups: task (ner, qa), language (sw, yo), script (Latn).
   assert first_token_ids == [[2, 1, 0], [1, 2, 1], [2, 0, 0], [0, 0, 0]]
   np.testing.assert_array_equal(
-      rows[0]["encoder_feature_ids"][rows[0]["encoder_input_tokens"] == 0], 0)
+      rows[0]["encoder_feature_ids"][rows[0]["encoder_input_tokens"] == 0], 0
+  )
 
 
 @pytest.mark.parametrize(
@@ -98,12 +115,18 @@ def test_missing_group_is_absent_id(files):
         ('{"targets": "b"}', "missing 'inputs'"),
         ('{"inputs": "a"}', "missing 'targets'"),
         ('{"inputs": "a", "targets": 3}', "'targets' must be a string"),
-        ('{"inputs": "a", "targets": "b", "features": ["x"]}',
-         "'features' must be an object"),
-        ('{"inputs": "a", "targets": "b", "features": {"task": 1}}',
-         "feature 'task' must be a string"),
-        ('{"inputs": "a", "targets": "b", "features": {"bad group": "x"}}',
-         "alphanumeric"),
+        (
+            '{"inputs": "a", "targets": "b", "features": ["x"]}',
+            "'features' must be an object",
+        ),
+        (
+            '{"inputs": "a", "targets": "b", "features": {"task": 1}}',
+            "feature 'task' must be a string",
+        ),
+        (
+            '{"inputs": "a", "targets": "b", "features": {"bad group": "x"}}',
+            "alphanumeric",
+        ),
     ],
 )
 def test_malformed_line_names_file_and_line(tmp_path, line, problem):
@@ -118,14 +141,24 @@ def test_malformed_line_names_file_and_line(tmp_path, line, problem):
 
 
 def test_null_and_empty_feature_values_are_absent(tmp_path):
-  rows = [{"inputs": "a", "targets": "b",
-           "features": {"task": "qa", "language": None}},
-          {"inputs": "c", "targets": "d",
-           "features": {"task": "", "language": "sw"}}]
+  rows = [
+      {
+          "inputs": "a",
+          "targets": "b",
+          "features": {"task": "qa", "language": None},
+      },
+      {
+          "inputs": "c",
+          "targets": "d",
+          "features": {"task": "", "language": "sw"},
+      },
+  ]
   path = _write(tmp_path / "t.jsonl", rows)
   jsonl.register_jsonl_task("jl_null", path)
   assert featurized.feature_values("jl_null") == {
-      "task": ("qa",), "language": ("sw",)}
+      "task": ("qa",),
+      "language": ("sw",),
+  }
   out = _rows("jl_null", "train")
   assert out[0]["feature_language"] == b""
   assert out[1]["feature_task"] == b""

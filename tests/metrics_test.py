@@ -42,8 +42,9 @@ def test_squad_f1_partial_and_exact():
   #   P = 2/3, R = 2/2 = 1, F1 = 2 * (2/3) / (5/3) = 0.8; EM = 0.
   # Example 2: "No Answer" vs "no answer." -> both "no answer": F1 = EM = 1.
   # Means: F1 = (0.8 + 1) / 2 = 0.9 -> 90; EM = 1/2 -> 50.
-  result = metrics.squad_f1(["Dodoma city", "No Answer"],
-                            ["the city of Dodoma", "no answer."])
+  result = metrics.squad_f1(
+      ["Dodoma city", "No Answer"], ["the city of Dodoma", "no answer."]
+  )
   assert result == {"f1": approx(90.0), "exact_match": approx(50.0)}
 
 
@@ -81,7 +82,8 @@ def test_span_f1_basic():
   # P = 1/2, R = 1/3, F1 = 2 * (1/6) / (5/6) = 2/5 -> 40.
   result = metrics.span_f1(
       ["PER: Samia Suluhu $$ LOC: Arusha $$ DATE: Jumatatu"],
-      ["PER: Samia Suluhu $$ LOC: Dodoma"])
+      ["PER: Samia Suluhu $$ LOC: Dodoma"],
+  )
   assert result["span_f1"] == approx(40.0)
 
 
@@ -94,7 +96,8 @@ def test_span_f1_is_micro_averaged():
   # (A macro mean of per-example F1 = (2/3 + 0 + 1) / 3 = 55.6 would differ.)
   result = metrics.span_f1(
       ["PER: Ama $$ LOC: Accra", "PER: Ama", "PER: Kofi $$ LOC: Kumasi"],
-      ["PER: Ama", "ORG: Ama", "LOC: Kumasi $$ PER: Kofi"])
+      ["PER: Ama", "ORG: Ama", "LOC: Kumasi $$ PER: Kofi"],
+  )
   assert result["span_f1"] == approx(200 / 3)
 
 
@@ -103,8 +106,10 @@ def test_span_f1_entity_with_colon_is_dropped():
   # Ex 1: gold {PER Ama}, pred {PER Kofi} -> FP 1, FN 1.
   # Ex 2: gold {LOC Accra}, pred {LOC Accra} -> TP 1.
   # TP 1, FP 1, FN 1: P = R = 1/2 -> 50 (counting TIME would give 66.7).
-  result = metrics.span_f1(["TIME: 10:30 $$ PER: Ama", "LOC: Accra"],
-                           ["TIME: 10:30 $$ PER: Kofi", "LOC: Accra"])
+  result = metrics.span_f1(
+      ["TIME: 10:30 $$ PER: Ama", "LOC: Accra"],
+      ["TIME: 10:30 $$ PER: Kofi", "LOC: Accra"],
+  )
   assert result["span_f1"] == approx(50.0)
   # Alone, an exactly-correct colon entity scores 0: TP = FP = FN = 0.
   assert metrics.span_f1(["TIME: 10:30"], ["TIME: 10:30"]) == {"span_f1": 0.0}
@@ -114,8 +119,9 @@ def test_span_f1_missing_separator_spaces_drop_the_piece():
   # "PER: Ama $$LOC: Accra" is not split (separator is " $$ "), and the
   # single piece has 3 colon parts -> dropped. Pred yields nothing:
   # TP 0, FP 0, FN 2 -> F1 0.
-  result = metrics.span_f1(["PER: Ama $$ LOC: Accra"],
-                           ["PER: Ama $$LOC: Accra"])
+  result = metrics.span_f1(
+      ["PER: Ama $$ LOC: Accra"], ["PER: Ama $$LOC: Accra"]
+  )
   assert result == {"span_f1": 0.0}
 
 
@@ -169,7 +175,8 @@ def test_sequence_accuracy_is_raw_equality():
   targets = ["[IN:GET_WEATHER ]", "[IN:A ]", "[IN:A ]", "x"]
   predictions = ["[IN:GET_WEATHER ]", "[IN:A ] ", "[in:a ]", "x"]
   assert metrics.sequence_accuracy(targets, predictions) == {
-      "sequence_accuracy": approx(50.0)}
+      "sequence_accuracy": approx(50.0)
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -242,12 +249,17 @@ def test_edit_distance(a, b, expected):
 
 def _naive_edit_distance(a, b):
   """Full-table Levenshtein DP, independent of the prefix/suffix shortcuts."""
-  table = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)]
-           for i in range(len(a) + 1)]
+  table = [
+      [i + j if i * j == 0 else 0 for j in range(len(b) + 1)]
+      for i in range(len(a) + 1)
+  ]
   for i in range(1, len(a) + 1):
     for j in range(1, len(b) + 1):
-      table[i][j] = min(table[i - 1][j] + 1, table[i][j - 1] + 1,
-                        table[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+      table[i][j] = min(
+          table[i - 1][j] + 1,
+          table[i][j - 1] + 1,
+          table[i - 1][j - 1] + (a[i - 1] != b[j - 1]),
+      )
   return table[-1][-1]
 
 
@@ -328,9 +340,13 @@ def test_exact_match_and_cer():
   # 3 + 2 chars -> 100 * 1 / 5 = 20. The CER is not ASR-normalised: "A" vs
   # "a" costs 1 -> with a third pair ("A", "a"): EM 1/3, CER 2 / 6.
   assert metrics.exact_match_and_cer(["abc", "aa"], ["abc", "a"]) == {
-      "exact_match": approx(50.0), "cer": approx(20.0)}
+      "exact_match": approx(50.0),
+      "cer": approx(20.0),
+  }
   assert metrics.exact_match_and_cer(["abc", "aa", "A"], ["abc", "a", "a"]) == {
-      "exact_match": approx(100 / 3), "cer": approx(200 / 6)}
+      "exact_match": approx(100 / 3),
+      "cer": approx(200 / 6),
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -342,8 +358,11 @@ def test_top3_accuracy():
   # Ex 1: "maith" is 2nd -> hit. Ex 2: "Spring" != "spring" -> miss.
   # Ex 3: 3rd -> hit.  2/3 -> 66.67.
   targets = ["maith", "spring", "go"]
-  predictions = [["mait", "maith", "math"], ["Spring", "spread", "spend"],
-                 ["got", "gone", "go"]]
+  predictions = [
+      ["mait", "maith", "math"],
+      ["Spring", "spread", "spend"],
+      ["got", "gone", "go"],
+  ]
   result = metrics.top3_accuracy(targets, predictions)
   assert result == {"top3_accuracy": approx(200 / 3)}
 
@@ -378,9 +397,16 @@ def test_mrr_at_10():
 # ----------------------------------------------------------------------------
 
 _ALL_METRIC_FNS = (
-    metrics.squad_f1, metrics.span_f1, metrics.sequence_accuracy,
-    metrics.chrf, metrics.bleu, metrics.cer, metrics.cer_normalized,
-    metrics.exact_match_and_cer, metrics.top3_accuracy, metrics.mrr_at_10,
+    metrics.squad_f1,
+    metrics.span_f1,
+    metrics.sequence_accuracy,
+    metrics.chrf,
+    metrics.bleu,
+    metrics.cer,
+    metrics.cer_normalized,
+    metrics.exact_match_and_cer,
+    metrics.top3_accuracy,
+    metrics.mrr_at_10,
 )
 
 
@@ -400,8 +426,10 @@ def test_empty_inputs_raise(metric_fn):
 def test_seqio_signature(metric_fn):
   # SeqIO dispatches on the names of the required positional parameters.
   required = tuple(
-      name for name, param in inspect.signature(metric_fn).parameters.items()
-      if param.default is inspect.Parameter.empty)
+      name
+      for name, param in inspect.signature(metric_fn).parameters.items()
+      if param.default is inspect.Parameter.empty
+  )
   assert required == ("targets", "predictions")
 
 
@@ -435,9 +463,11 @@ def test_task_metric_assignment():
   }
   # The ASR metric normalises; transliteration's does not.
   assert metrics.TASK_METRICS["asr"][0](["A."], ["a"]) == {
-      "cer_normalized": 0.0}
+      "cer_normalized": 0.0
+  }
   assert metrics.TASK_METRICS["transliteration"][0](["A."], ["a"]) == {
-      "cer": approx(100.0)}
+      "cer": approx(100.0)
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -471,8 +501,11 @@ def test_aggregate_with_asr_fix():
 def test_aggregate_converts_mrr_and_cer():
   # retrieval 0.5 -> 50; qa 70 -> 70; transliteration CER 10 -> 90;
   # mean = 210 / 3 = 70.
-  scores = {"retrieval_in_lang": 0.5, "qa_in_lang": 70.0,
-            "transliteration": 10.0}
+  scores = {
+      "retrieval_in_lang": 0.5,
+      "qa_in_lang": 70.0,
+      "transliteration": 10.0,
+  }
   assert metrics.aggregate_xtreme_up(scores) == approx(70.0)
   assert metrics.aggregate_xtreme_up(scores, fix_asr_quirk=True) == approx(70.0)
 
@@ -481,4 +514,3 @@ def test_aggregate_converts_mrr_and_cer():
 def test_aggregate_rejects_bad_input(scores):
   with pytest.raises(ValueError):
     metrics.aggregate_xtreme_up(scores)
-

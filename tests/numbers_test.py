@@ -32,8 +32,12 @@ def _reference(task, language, text_digits):
 def small():
   """A small registered variant that is cheap to iterate through SeqIO."""
   return numbers.register_numbers(
-      languages=("en", "fr", "ru", "ja"), held_out=(("ordinal", "fr"),),
-      train_size=40, eval_size=10, suffix="_small")
+      languages=("en", "fr", "ru", "ja"),
+      held_out=(("ordinal", "fr"),),
+      train_size=40,
+      eval_size=10,
+      suffix="_small",
+  )
 
 
 def test_default_registration():
@@ -62,10 +66,10 @@ def test_broken_num2words_pairs_are_excluded():
 
 
 def test_held_out_pairs_only_in_eval_mixture():
-  train = {t.name for t in seqio.get_mixture_or_task(
-      "numbers_multitask").tasks}
-  evaluation = {t.name for t in seqio.get_mixture_or_task(
-      "numbers_multitask_eval").tasks}
+  train = {t.name for t in seqio.get_mixture_or_task("numbers_multitask").tasks}
+  evaluation = {
+      t.name for t in seqio.get_mixture_or_task("numbers_multitask_eval").tasks
+  }
   held = {numbers.task_name(t, l) for t, l in DEFAULT.held_out}
   assert held and not held & train
   assert held <= evaluation
@@ -93,8 +97,9 @@ def test_multilingual_mixtures_are_single_task():
 
 def test_splits_are_disjoint_over_numbers():
   for task in numbers.TASKS:
-    parts = [set(numbers.split_values(task, s).tolist())
-             for s in numbers.SPLITS]
+    parts = [
+        set(numbers.split_values(task, s).tolist()) for s in numbers.SPLITS
+    ]
     low, high = numbers.value_range(task)
     assert sum(len(p) for p in parts) == high - low
     assert set().union(*parts) == set(range(low, high))
@@ -108,7 +113,8 @@ def test_splits_are_disjoint_over_numbers():
 def test_digits_of_inverts_make_inputs():
   assert numbers.digits_of(numbers.make_inputs("cardinal", "fr", 994)) == "994"
   assert numbers.digits_of(numbers.make_inputs("currency", "ru", 1205)) == (
-      "12.05")
+      "12.05"
+  )
 
 
 def test_max_number_bounds_every_task_but_year():
@@ -124,7 +130,7 @@ def test_no_evaluation_number_in_any_training_example():
   for (task, language), sizes in DEFAULT.num_examples.items():
     for split in numbers.SPLITS:
       # The examples of a split are the first `size` of its values.
-      values = set(numbers.split_values(task, split)[:sizes[split]].tolist())
+      values = set(numbers.split_values(task, split)[: sizes[split]].tolist())
       for inputs, _ in numbers.examples(task, language, split, 100):
         assert _value(task, _INPUTS.match(inputs).group(3)) in values
       (train_values if split == "train" else eval_values).update(values)
@@ -152,19 +158,23 @@ def test_full_split_sizes():
 
 def test_sizes_and_determinism():
   sizes = DEFAULT.num_examples
-  assert sizes[("cardinal", "en")] == {"train": 2000, "validation": 200,
-                                       "test": 200}
+  assert sizes[("cardinal", "en")] == {
+      "train": 2000,
+      "validation": 200,
+      "test": 200,
+  }
   assert 800 < sizes[("year", "en")]["train"] < 1000
   again = numbers.split_values("cardinal", "test")
-  np.testing.assert_array_equal(again, numbers.split_values.__wrapped__(
-      "cardinal", "test"))
+  np.testing.assert_array_equal(
+      again, numbers.split_values.__wrapped__("cardinal", "test")
+  )
 
 
 def test_seqio_task_examples(small):
   name = numbers.task_name("currency", "fr", "_small")
   ds = seqio.get_mixture_or_task(name).get_dataset(
-      {"inputs": 32, "targets": 128}, split="test", shuffle=False,
-      num_epochs=1)
+      {"inputs": 32, "targets": 128}, split="test", shuffle=False, num_epochs=1
+  )
   rows = list(ds.as_numpy_iterator())
   assert len(rows) == 10
   vocab = numbers.VOCABULARY
@@ -182,8 +192,13 @@ def test_seqio_task_examples(small):
 def test_small_mixture_carries_features(small):
   assert small.held_out == (("ordinal", "fr"),)
   ds = seqio.get_mixture_or_task("numbers_multitask_small").get_dataset(
-      {"inputs": 32, "targets": 128}, split="train", shuffle=False,
-      num_epochs=1, seed=0, copy_pretokenized=True)
+      {"inputs": 32, "targets": 128},
+      split="train",
+      shuffle=False,
+      num_epochs=1,
+      seed=0,
+      copy_pretokenized=True,
+  )
   rows = list(ds.take(60).as_numpy_iterator())
   pairs = set()
   for row in rows:
@@ -202,8 +217,12 @@ def test_small_mixture_carries_features(small):
 def test_reregistration_is_stable(small):
   space = featurized.feature_space("numbers_multitask_small")
   again = numbers.register_numbers(
-      languages=("en", "fr", "ru", "ja"), held_out=(("ordinal", "fr"),),
-      train_size=40, eval_size=10, suffix="_small")
+      languages=("en", "fr", "ru", "ja"),
+      held_out=(("ordinal", "fr"),),
+      train_size=40,
+      eval_size=10,
+      suffix="_small",
+  )
   assert again.pairs == small.pairs
   assert featurized.feature_space("numbers_multitask_small") == space
 
@@ -214,5 +233,9 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="no language"):
     numbers.register_numbers(languages=("xx",), suffix="_bad")
   with pytest.raises(ValueError, match="left for training"):
-    numbers.register_numbers(languages=("en",), tasks=("cardinal",),
-                             held_out=(("cardinal", "en"),), suffix="_bad")
+    numbers.register_numbers(
+        languages=("en",),
+        tasks=("cardinal",),
+        held_out=(("cardinal", "en"),),
+        suffix="_bad",
+    )

@@ -15,8 +15,13 @@ PAIRS = (("cardinal", "en"), ("cardinal", "fr"), ("ordinal", "de"))
 @pytest.fixture(scope="module")
 def vocabulary(tmp_path_factory):
   return numbers_vocabulary.sentencepiece_vocabulary(
-      PAIRS, str(tmp_path_factory.mktemp("spm")), vocab_size=200,
-      extra_ids=10, size=300, max_number=1000)
+      PAIRS,
+      str(tmp_path_factory.mktemp("spm")),
+      vocab_size=200,
+      extra_ids=10,
+      size=300,
+      max_number=1000,
+  )
 
 
 def test_round_trip_on_test_numbers(vocabulary):
@@ -39,18 +44,21 @@ def test_pieces_are_words_and_single_digits(vocabulary):
 
 def test_cached_model_is_reused_and_training_is_deterministic(tmp_path):
   first = numbers_vocabulary.sentencepiece_vocabulary(
-      PAIRS[:1], str(tmp_path), vocab_size=60, size=200, max_number=1000)
+      PAIRS[:1], str(tmp_path), vocab_size=60, size=200, max_number=1000
+  )
   path = first.sentencepiece_model_file
   stamp = os.stat(path).st_mtime_ns
   again = numbers_vocabulary.sentencepiece_vocabulary(
-      PAIRS[:1], str(tmp_path), vocab_size=60, size=200, max_number=1000)
+      PAIRS[:1], str(tmp_path), vocab_size=60, size=200, max_number=1000
+  )
   assert again.sentencepiece_model_file == path
   assert os.stat(path).st_mtime_ns == stamp
   texts = numbers_vocabulary.training_texts(PAIRS[:1], 200, 1000)
   with open(path, "rb") as f:
     assert numbers_vocabulary.train_sentencepiece(texts, 60) == f.read()
   other = numbers_vocabulary.sentencepiece_vocabulary(
-      PAIRS[:1], str(tmp_path), vocab_size=50, size=200, max_number=1000)
+      PAIRS[:1], str(tmp_path), vocab_size=50, size=200, max_number=1000
+  )
   assert other.sentencepiece_model_file != path
 
 
@@ -60,11 +68,13 @@ def test_span_corruption_hides_spans_behind_sentinels(vocabulary, prefix):
   size = vocabulary.vocab_size
   for _, text in numbers.examples("cardinal", "fr", "train", 20, 1000):
     tokens = vocabulary.encode(text)
-    inputs, targets = numbers_pretrain.corrupt(tokens, rng, prefix=prefix,
-                                               vocab_size=size)
+    inputs, targets = numbers_pretrain.corrupt(
+        tokens, rng, prefix=prefix, vocab_size=size
+    )
     sentinels = [t for t in inputs if t >= size - 10]
-    assert sentinels == [numbers_pretrain.sentinel(i, size)
-                         for i in range(len(sentinels))]
+    assert sentinels == [
+        numbers_pretrain.sentinel(i, size) for i in range(len(sentinels))
+    ]
     assert targets[-1] == numbers_pretrain.sentinel(len(sentinels), size)
     # Filling each sentinel with its span gives the text back.
     spans, current = {}, None
@@ -74,8 +84,9 @@ def test_span_corruption_hides_spans_behind_sentinels(vocabulary, prefix):
         spans[current] = []
       else:
         spans[current].append(t)
-    rebuilt = [piece for t in inputs
-               for piece in (spans[t] if t in spans else [t])]
+    rebuilt = [
+        piece for t in inputs for piece in (spans[t] if t in spans else [t])
+    ]
     assert rebuilt == tokens
     if prefix and len(tokens) > 1:  # A one-piece text is left whole.
       assert len(sentinels) == 1 and inputs[-1] == sentinels[0]
@@ -90,8 +101,12 @@ def test_digit_texts_hide_the_whole_spelling_in_prefix_mode(vocabulary):
   assert vocabulary.decode(tokens[:cut]) == digits
   size = vocabulary.vocab_size
   inputs, targets = numbers_pretrain.corrupt(
-      tokens, np.random.default_rng(0), prefix=True, vocab_size=size,
-      prefix_cut=cut)
+      tokens,
+      np.random.default_rng(0),
+      prefix=True,
+      vocab_size=size,
+      prefix_cut=cut,
+  )
   sentinel = numbers_pretrain.sentinel(0, size)
   assert inputs == [*tokens[:cut], sentinel]
   assert vocabulary.decode(targets[1:-1]).strip() == spelling

@@ -14,21 +14,37 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-METHODS = ("lora", "flix", "flix_no_dropout", "flix_task_only",
-           "flix_language_only", "full")
+METHODS = (
+    "lora",
+    "flix",
+    "flix_no_dropout",
+    "flix_task_only",
+    "flix_language_only",
+    "full",
+)
 
 
 def test_reproduce_smoke_writes_every_output(tmp_path):
   out, cache = tmp_path / "out", tmp_path / "cache"
-  jax_cache = pathlib.Path.home() / ".cache" / "flix_reproduce" / (
-      "jax_cache_smoke")
+  jax_cache = (
+      pathlib.Path.home() / ".cache" / "flix_reproduce" / ("jax_cache_smoke")
+  )
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-  command = [sys.executable, str(REPO / "scripts" / "reproduce.py"),
-             "--smoke", "--seeds=0,1", "--steps=4", "--languages=en,fr",
-             "--tasks=cardinal,ordinal", f"--output_dir={out}",
-             f"--cache_dir={cache}", f"--jax_cache_dir={jax_cache}"]
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+  command = [
+      sys.executable,
+      str(REPO / "scripts" / "reproduce.py"),
+      "--smoke",
+      "--seeds=0,1",
+      "--steps=4",
+      "--languages=en,fr",
+      "--tasks=cardinal,ordinal",
+      f"--output_dir={out}",
+      f"--cache_dir={cache}",
+      f"--jax_cache_dir={jax_cache}",
+  ]
+  result = subprocess.run(
+      command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+  )
   assert result.returncode == 0, result.stderr[-4000:]
 
   # results.json: every method, both subsets, both metrics, 2 seeds.
@@ -47,10 +63,17 @@ def test_reproduce_smoke_writes_every_output(tmp_path):
         assert len(stats["per_seed"]) == 2
         assert all(v >= 0 for v in stats["per_seed"])
     cells = {(c["task"], c["language"]) for c in method["cells"]}
-    assert cells == {("cardinal", "en"), ("cardinal", "fr"),
-                     ("ordinal", "en"), ("ordinal", "fr")}
-    zero_shot = {(c["task"], c["language"]) for c in method["cells"]
-                 if c["seen_in_training"] is False}
+    assert cells == {
+        ("cardinal", "en"),
+        ("cardinal", "fr"),
+        ("ordinal", "en"),
+        ("ordinal", "fr"),
+    }
+    zero_shot = {
+        (c["task"], c["language"])
+        for c in method["cells"]
+        if c["seen_in_training"] is False
+    }
     assert zero_shot == {("ordinal", "fr")}
   params = {n: m["trainable_params"] for n, m in results["methods"].items()}
   assert params["full"] == results["base"]["num_params"]
@@ -70,8 +93,11 @@ def test_reproduce_smoke_writes_every_output(tmp_path):
   table = (out / "results.md").read_text()
   rows = [l for l in table.splitlines() if l.startswith("| ")]
   for name, method in results["methods"].items():
-    assert any(r.startswith(f"| {method['label']} | ") and
-               f"{method['trainable_params']:,}" in r for r in rows), name
+    assert any(
+        r.startswith(f"| {method['label']} | ")
+        and f"{method['trainable_params']:,}" in r
+        for r in rows
+    ), name
   assert "Figure 2" in table
 
   # Plots: non-empty PNGs.
@@ -81,8 +107,9 @@ def test_reproduce_smoke_writes_every_output(tmp_path):
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 2000, name
 
   # A second run reuses the cached base and runs.
-  again = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=300)
+  again = subprocess.run(
+      command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
   assert again.returncode == 0, again.stderr[-4000:]
   assert "Reusing the cached base" in again.stderr
   assert json.loads((out / "results.json").read_text())["base"]["cached"]

@@ -19,7 +19,7 @@ from conftest import REPO
 _TIMEOUT_S = 300
 
 # argv: num_devices num_partitions out.npz
-_CHILD = r'''
+_CHILD = r"""
 import json, os, sys
 num_devices, num_partitions, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -104,7 +104,7 @@ np.savez(out_path, **out)
 print("RESULT " + json.dumps({
     "mesh": dict(run.mesh.shape), "losses": losses, "specs": specs,
     "changed_frozen": changed_frozen, "step": int(run.state.step)}))
-'''
+"""
 
 
 def _start(num_devices, num_partitions, out_path):
@@ -112,11 +112,23 @@ def _start(num_devices, num_partitions, out_path):
   env.pop("XLA_FLAGS", None)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+      [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+  )
   return subprocess.Popen(
-      [sys.executable, "-c", _CHILD, str(num_devices), str(num_partitions),
-       str(out_path)], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+      [
+          sys.executable,
+          "-c",
+          _CHILD,
+          str(num_devices),
+          str(num_partitions),
+          str(out_path),
+      ],
+      cwd=str(REPO),
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
 
 
 def _result(proc):
@@ -129,7 +141,7 @@ def _result(proc):
   assert proc.returncode == 0, stderr[-4000:]
   lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
   assert lines, stdout[-2000:] + stderr[-2000:]
-  return json.loads(lines[-1][len("RESULT "):])
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_sharded_train_step_matches_single_device(tmp_path):
@@ -143,18 +155,21 @@ def test_sharded_train_step_matches_single_device(tmp_path):
   # Params really are sharded over 'model'; adapters inherit the kernel's d_out.
   assert "model" in sharded["specs"]["frozen_wi_kernel"], sharded["specs"]
   assert "model" in sharded["specs"]["trainable_wi_lora_b"], sharded["specs"]
-  assert "model" in sharded["specs"]["trainable_wi_lora_b_after"], (
-      sharded["specs"])
+  assert "model" in sharded["specs"]["trainable_wi_lora_b_after"], sharded[
+      "specs"
+  ]
   # The step never touches the frozen base model, bit for bit.
   assert sharded["changed_frozen"] == [] and single["changed_frozen"] == []
   assert sharded["step"] == single["step"] == 2
 
-  np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      sharded["losses"], single["losses"], rtol=1e-5, atol=1e-5
+  )
   assert sharded["losses"][1] < sharded["losses"][0]  # It trains.
 
   with np.load(tmp_path / "sharded.npz") as a, np.load(
-      tmp_path / "single.npz") as b:
+      tmp_path / "single.npz"
+  ) as b:
     assert sorted(a.files) == sorted(b.files)
     after = [k for k in a.files if k.startswith("after/")]
     assert any("lora_a_" in k for k in after)
@@ -164,10 +179,14 @@ def test_sharded_train_step_matches_single_device(tmp_path):
         # Same init on both meshes, so the comparison below means something.
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
       else:
-        np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=1e-5,
-                                   err_msg=key)
-    moved = [k for k in after
-             if not np.array_equal(a[k], a["before/" + k[len("after/"):]])]
+        np.testing.assert_allclose(
+            a[key], b[key], atol=1e-5, rtol=1e-5, err_msg=key
+        )
+    moved = [
+        k
+        for k in after
+        if not np.array_equal(a[k], a["before/" + k[len("after/") :]])
+    ]
     # Both A and B adapters were updated by the two steps.
     assert any("lora_a_" in k for k in moved)
     assert any("lora_b_" in k for k in moved)

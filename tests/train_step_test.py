@@ -10,10 +10,14 @@ from flix import models
 from flix import network
 from flix import train_step
 
-SPACE = features_lib.FeatureSpace(groups=(
-    features_lib.FeatureGroup("task", ("a", "b"), rank=2, dropout=0.3),
-    features_lib.FeatureGroup("language", ("x", "y", "z"), rank=2,
-                              dropout=0.3)))
+SPACE = features_lib.FeatureSpace(
+    groups=(
+        features_lib.FeatureGroup("task", ("a", "b"), rank=2, dropout=0.3),
+        features_lib.FeatureGroup(
+            "language", ("x", "y", "z"), rank=2, dropout=0.3
+        ),
+    )
+)
 
 
 def _batch(seed=0, batch=4, length=6):
@@ -24,39 +28,49 @@ def _batch(seed=0, batch=4, length=6):
   ids = np.stack([np.arange(batch) % 2 + 1, np.arange(batch) % 3 + 1], -1)
   return {
       "encoder_input_tokens": rng.integers(2, 50, (batch, length)).astype(
-          np.int32),
+          np.int32
+      ),
       "decoder_input_tokens": np.concatenate(
-          [np.zeros((batch, 1), np.int32), targets[:, :-1]], 1),
+          [np.zeros((batch, 1), np.int32), targets[:, :-1]], 1
+      ),
       "decoder_target_tokens": targets,
       "decoder_loss_weights": (targets > 0).astype(np.float32),
       "encoder_feature_ids": np.repeat(ids[:, None], length, 1).astype(
-          np.int32),
+          np.int32
+      ),
       "decoder_feature_ids": np.repeat(ids[:, None], length, 1).astype(
-          np.int32),
+          np.int32
+      ),
   }
 
 
 def _model(space=SPACE):
-  return models.FlixModel(network.preset("tiny", vocab_size=64,
-                                         feature_space=space))
+  return models.FlixModel(
+      network.preset("tiny", vocab_size=64, feature_space=space)
+  )
 
 
 def test_only_adapters_change_and_base_is_bit_identical():
   model = _model()
   params = model.init_params(jax.random.PRNGKey(0))
   tx = train_step.make_optimizer(1e-2, "adamw")
-  state = train_step.create_train_state(params, tx,
-                                        train_step.ADAPTER_PATTERNS)
+  state = train_step.create_train_state(params, tx, train_step.ADAPTER_PATTERNS)
   frozen_before = jax.tree.map(np.array, state.frozen)
   trainable_before = jax.tree.map(np.array, state.trainable)
   step = jax.jit(train_step.make_train_step(model, tx))
   for i in range(4):  # B = 0 at init: A gets gradients from step 2 on
     state, metrics = step(state, _batch(i), jax.random.PRNGKey(1))
   assert np.isfinite(float(metrics["loss"]))
-  jax.tree.map(np.testing.assert_array_equal, frozen_before,
-               jax.tree.map(np.array, state.frozen))
-  changed = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))),
-                         trainable_before, state.trainable)
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      frozen_before,
+      jax.tree.map(np.array, state.frozen),
+  )
+  changed = jax.tree.map(
+      lambda a, b: bool(np.any(a != np.asarray(b))),
+      trainable_before,
+      state.trainable,
+  )
   assert all(jax.tree.leaves(changed))
   # The optimizer state holds the adapters only.
   opt_leaves = sum(x.size for x in jax.tree.leaves(state.opt_state))
@@ -65,8 +79,9 @@ def test_only_adapters_change_and_base_is_bit_identical():
 
 def test_split_params_by_pattern():
   params = _model().init_params(jax.random.PRNGKey(0))
-  trainable, frozen = train_step.split_params(params,
-                                              train_step.ADAPTER_PATTERNS)
+  trainable, frozen = train_step.split_params(
+      params, train_step.ADAPTER_PATTERNS
+  )
   flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
   assert flat and all("lora_" in jax.tree_util.keystr(p) for p, _ in flat)
   assert "lora_a_task" not in str(jax.tree_util.tree_structure(frozen))
@@ -80,42 +95,52 @@ def test_cross_entropy_matches_reference():
   targets = np.array([[1, 2, 0], [4, 0, 0]])
   weights = (targets > 0).astype(np.float32)
   total, z_total = models.cross_entropy_with_z_loss(
-      jnp.asarray(logits), targets, weights, z_loss=1e-2)
+      jnp.asarray(logits), targets, weights, z_loss=1e-2
+  )
   log_z = np.log(np.exp(logits).sum(-1))
   nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  np.testing.assert_allclose(total, ((nll + 1e-2 * log_z**2) * weights).sum(),
-                             rtol=1e-5)
-  np.testing.assert_allclose(z_total, (1e-2 * log_z**2 * weights).sum(),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      total, ((nll + 1e-2 * log_z**2) * weights).sum(), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      z_total, (1e-2 * log_z**2 * weights).sum(), rtol=1e-5
+  )
 
 
 def test_microbatched_gradients_equal_full_batch():
-  model = _model(features_lib.FeatureSpace(groups=tuple(
-      features_lib.FeatureGroup(g.name, g.values, rank=2)
-      for g in SPACE.groups)))  # no dropout: deterministic
+  model = _model(
+      features_lib.FeatureSpace(
+          groups=tuple(
+              features_lib.FeatureGroup(g.name, g.values, rank=2)
+              for g in SPACE.groups
+          )
+      )
+  )  # no dropout: deterministic
   params = model.init_params(jax.random.PRNGKey(0))
   tx = train_step.make_optimizer(1e-1, "sgd")
   batch = _batch(3)
   results = []
   for num in (1, 2):
-    state = train_step.create_train_state(params, tx,
-                                          train_step.ADAPTER_PATTERNS)
+    state = train_step.create_train_state(
+        params, tx, train_step.ADAPTER_PATTERNS
+    )
     step = jax.jit(train_step.make_train_step(model, tx, num_microbatches=num))
     state, _ = step(state, batch, jax.random.PRNGKey(0))
     state, _ = step(state, _batch(4), jax.random.PRNGKey(0))
     results.append(state.trainable)
   # Equal when every microbatch has the same number of target tokens.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               *results)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *results
+  )
 
 
 def test_feature_dropout_rate_and_no_dropout_at_eval():
   ids = jnp.ones((4000, 3, 2), jnp.int32)
-  dropped = features_lib.feature_dropout(ids, jax.random.PRNGKey(0),
-                                         jnp.array([0.1, 0.5]))
+  dropped = features_lib.feature_dropout(
+      ids, jax.random.PRNGKey(0), jnp.array([0.1, 0.5])
+  )
   per_example = np.asarray(dropped[:, 0])
-  np.testing.assert_allclose((per_example == 0).mean(0), [0.1, 0.5],
-                             atol=0.03)
+  np.testing.assert_allclose((per_example == 0).mean(0), [0.1, 0.5], atol=0.03)
   # All tokens of an example drop alike.
   assert (np.asarray(dropped) == per_example[:, None]).all()
   model = _model()
