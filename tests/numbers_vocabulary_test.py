@@ -71,9 +71,7 @@ def test_span_corruption_hides_spans_behind_sentinels(vocabulary, prefix):
   size = vocabulary.vocab_size
   for _, text in numbers.examples("cardinal", "fr", "train", 20, 1000):
     tokens = vocabulary.encode(text)
-    inputs, targets = span_corruption.corrupt(
-        tokens, rng, size, prefix=prefix
-    )
+    inputs, targets = span_corruption.corrupt(tokens, rng, size, prefix=prefix)
     sentinels = [t for t in inputs if t >= size - 10]
     assert sentinels == [
         span_corruption.sentinel(i, size) for i in range(len(sentinels))
