@@ -230,7 +230,7 @@ def plot_heatmap(
   for (t, l), row in cells.items():
     grid[tasks.index(t), languages.index(l)] = row["value"]
   fig, ax = plt.subplots(
-      figsize=(1.0 + 0.7 * len(languages), 1.2 + 0.5 * len(tasks))
+      figsize=(max(4.5, 1.0 + 0.7 * len(languages)), 1.6 + 0.5 * len(tasks))
   )
   cmap = plt.get_cmap("viridis" if higher_is_better else "viridis_r")
   image = ax.imshow(

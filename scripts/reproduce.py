@@ -240,9 +240,16 @@ def numbers_data(args) -> Data:
       f"numbers below {args.max_number} (currency below "
       f"{args.max_number // 10}.00, years 1000-2099) spelled by num2words, "
       f"{len(tasks)} tasks x {len(languages)} languages = "
-      f"{len(registration.pairs)} pairs, up to {train_size} training "
-      f"numbers per pair; base pre-trained on {len(texts)} spellings "
+      f"{len(registration.pairs)} pairs, "
+      f"{_count(registration, 'train')} training examples; base "
+      f"pre-trained on {len(texts)} spellings "
       f"({args.digits_rate:.0%} led by their digits); {_vocab_note(args)}.",
+  )
+
+
+def _count(registration, split: str) -> int:
+  return sum(
+      registration.num_examples[p][split] for p in registration.train_pairs
   )
 
 
