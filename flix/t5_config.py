@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from flix import features as features_lib
 from flix import layers
 
-Array = jax.Array
-Initializer = Callable[..., Array]
-
 # Dense layers that can carry adapters ('wi_<n>' for gated MLPs).
 _TARGET_RE = re.compile(r"^(query|key|value|out|wi|wi_\d+|wo|logits_dense)$")
 _STACKS = ("encoder", "decoder")
-_MASK_BIAS = -1e10  # T5X's additive bias of disallowed attention positions.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +144,16 @@ class T5Config:
         self.feature_space, (features_lib.FeatureSpace, type(None))
     ):
       raise ValueError("T5Config: feature_space must be a FeatureSpace.")
+
+  def to_dict(self) -> dict[str, Any]:
+    """The config as a JSON-able dict, without the feature space (which
+    checkpoints save on its own)."""
+    return {
+        field.name: (list(value) if isinstance(value, tuple) else value)
+        for field in dataclasses.fields(self)
+        if field.name != "feature_space"
+        for value in [getattr(self, field.name)]
+    }
 
   def adapted(self, stack: str) -> tuple[str, ...]:
     """Names of the dense layers with adapters in `stack`."""

@@ -426,6 +426,10 @@ def exact_match_and_cer(
   }
 
 
+# The metrics of flix_tasks' own featurized tasks (numbers, JSONL).
+DEFAULT_METRIC_FNS = (exact_match_and_cer,)
+
+
 # ----------------------------------------------------------------------------
 # Autocomplete and retrieval: ranked predictions.
 # ----------------------------------------------------------------------------
