@@ -1,6 +1,6 @@
 """Inference evaluation: decode, score with SeqIO metrics, write results.
 
-Results (DESIGN.md §4): one row per (feature values, metric)
+Results: one row per (feature values, metric)
 
   {"features": {"task": ..., "language": ...}, "metric": ..., "value": ...,
    "examples": N, "seen_in_training": true|false}
