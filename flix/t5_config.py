@@ -2,7 +2,8 @@
 
 `T5Config` is a frozen, hashable dataclass validated in `__post_init__`;
 `preset(name, **overrides)` returns mT5 small..xxl, ByT5 small/base, the
-tiny T5 v1.1 of the shared test checkpoint, or a tiny test model. The FLix
+tiny T5 v1.1 of prompt-tuning's test checkpoint, or a tiny test model (sizes:
+docs/mt5_reference.md §3). The FLix
 fields say which dense layers carry adapters and how they are computed.
 """
 
@@ -199,7 +200,7 @@ PRESETS: dict[str, T5Config] = {
     # t5x/examples/t5/byt5/*.gin.
     "byt5_small": _byt5(1472, 6, 3584, 12, 4),
     "byt5_base": _byt5(1536, 12, 3968, 18, 6),
-    # The real checkpoint in shared/testdata (prompt-tuning's test model).
+    # prompt-tuning's test checkpoint (docs/mt5_reference.md §3).
     "t5_1_1_tiny": T5Config(
         vocab_size=32128,
         emb_dim=4,
