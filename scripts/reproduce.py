@@ -271,7 +271,7 @@ def evaluate_tasks(
   import seqio  # pylint: disable=g-import-not-at-top
   from flix import evaluation  # pylint: disable=g-import-not-at-top
   from flix import input_pipeline  # pylint: disable=g-import-not-at-top
-  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+  from flix import featurized  # pylint: disable=g-import-not-at-top
 
   rows, samples = [], []
   for task_name in task_names:
@@ -319,7 +319,7 @@ def adapt_and_evaluate(
 ) -> dict:
   """Trains one (method, mixture, seed) run (or reloads it) and evaluates."""
   from flix import train_step  # pylint: disable=g-import-not-at-top
-  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+  from flix import featurized  # pylint: disable=g-import-not-at-top
 
   files = [f"reproduce/{METHODS[method][0]}", *extra_files]
   bindings = [
