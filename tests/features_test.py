@@ -263,6 +263,52 @@ def test_unknown_value_is_absent_and_warns_once_per_group_value(caplog):
   assert sum(repr(other) in m for m in messages) == 1
 
 
+def test_default_id_is_what_an_absent_group_encodes_to():
+  space = FeatureSpace(
+      (FeatureGroup("task", ("a", "b"), default="b"),) + SPACE.groups[1:]
+  )
+  assert [g.default_id for g in space.groups] == [2, features_lib.NO_FEATURE]
+  assert space.encode({}).tolist() == [g.default_id for g in space.groups]
+
+
+def test_resolve_gives_the_applied_group_value_pairs(caplog):
+  task, language = SPACE.groups
+  assert SPACE.resolve({"language": b"z", "task": "a"}) == [
+      (task, "a"),
+      (language, "z"),
+  ]
+  assert SPACE.resolve({"task": None, "language": "", "genre": "news"}) == []
+  lora = FeatureSpace.lora()
+  assert lora.resolve({}) == [(lora.groups[0], "all")]
+  unknown = f"unknown-{uuid.uuid4().hex}"
+  with caplog.at_level(logging.WARNING):
+    assert SPACE.resolve({"task": unknown, "language": "y"}) == [
+        (language, "y")
+    ]
+  assert unknown in caplog.text
+
+
+def test_strict_resolve_raises_on_unknown_groups_and_values(caplog):
+  task, language = SPACE.groups
+  assert SPACE.resolve({"task": "b", "language": None}, strict=True) == [
+      (task, "b")
+  ]
+  with pytest.raises(ValueError) as error:
+    SPACE.resolve({"task": "a", "genre": "news"}, strict=True)
+  assert str(error.value) == (
+      "Unknown feature group 'genre'; the model's groups are: task, language."
+  )
+  unknown = f"unknown-{uuid.uuid4().hex}"
+  with caplog.at_level(logging.WARNING):
+    with pytest.raises(ValueError) as error:
+      SPACE.resolve({"language": unknown.encode()}, strict=True)
+  assert str(error.value) == (
+      f"Unknown language value {unknown!r}: the model has no adapter for it. "
+      "Known language values: x, y, z."
+  )
+  assert unknown not in caplog.text  # an error, not also a warning
+
+
 # ---- Serialisation ----
 
 RICH_SPACE = FeatureSpace(

@@ -365,6 +365,41 @@ def test_feature_dropout_draws_per_packed_segment(params):
   assert any(drawn[2 * r] != drawn[2 * r + 1] for r in range(len(IDS)))
 
 
+# ---- Host check of packed batches ----
+
+
+def _with_config(model, **overrides):
+  return dataclasses.replace(
+      model, config=dataclasses.replace(model.config, **overrides)
+  )
+
+
+def test_check_batch_counts_the_examples_with_features_per_row():
+  batch = _packed_batch()  # two examples per row, different features
+  MODEL.check_batch(batch)  # max_segments=2
+  with pytest.raises(ValueError, match="max_segments=1 .*MAX_SEGMENTS"):
+    _with_config(MODEL, max_segments=1).check_batch(batch)
+  # Only the "segment" strategy has slots; no adapters, nothing to check.
+  _with_config(MODEL, max_segments=1, flix_strategy="gather").check_batch(batch)
+  _with_config(MODEL, max_segments=1, feature_space=None).check_batch(batch)
+
+
+def test_check_batch_passes_only_what_feature_dropout_can_compute(params):
+  """Packed examples with equal features form one run of ids, but feature
+  dropout draws per example and can split it: a batch that check_batch
+  passes must still compute (not NaN) under feature dropout."""
+  batch = _packed_batch()
+  for key in ("encoder_feature_ids", "decoder_feature_ids"):
+    batch[key] = np.where(batch[key] > 0, 1, 0).astype(np.int32)
+  model = _with_config(DROP_MODEL, max_segments=1)
+  try:
+    model.check_batch(batch)
+  except ValueError:
+    return  # rejected on the host with the readable error
+  loss, _ = jax.jit(model.loss_fn)(params, batch, None, jax.random.PRNGKey(0))
+  assert np.isfinite(loss), loss
+
+
 # ---- Decoding ----
 
 DECODE_LENGTH = 6
