@@ -1,7 +1,7 @@
 """The encoder-decoder model: loss, scoring and prediction around the network.
 
 A `FlixModel` binds a `network.Transformer` to the batch layout produced by
-`flix_tasks.converter.FlixFeatureConverter` (numpy arrays):
+`flix.feature_converter.FlixFeatureConverter` (numpy arrays):
 
   encoder_input_tokens  [B, Le]      decoder_input_tokens   [B, Ld]
   decoder_target_tokens [B, Ld]      decoder_loss_weights   [B, Ld]
@@ -24,6 +24,7 @@ import numpy as np
 
 from flix import decoding
 from flix import features as features_lib
+from flix import layers
 from flix import network
 
 Array = jax.Array
@@ -152,6 +153,16 @@ class FlixModel:
   def param_logical_axes(self) -> PyTree:
     """Tree of logical PartitionSpecs, same structure as the params."""
     return nn.get_partition_spec(self.abstract_params())
+
+  def check_batch(self, batch: Batch) -> None:
+    """Raises a readable error for a host batch the network cannot compute
+    exactly (a packed row with more examples than `max_segments`)."""
+    if self.feature_space is not None:
+      layers.check_max_segments(
+          np.asarray(batch["encoder_feature_ids"]),
+          self.config.max_segments,
+          self.config.flix_strategy,
+      )
 
   # ---- Forward ----
 

@@ -262,7 +262,7 @@ def _vocab_note(args) -> str:
 def jsonl_data(args) -> Data:
   """Any featurized JSONL: one task per feature combination."""
   from flix_tasks import combinations  # pylint: disable=g-import-not-at-top
-  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+  from flix import featurized  # pylint: disable=g-import-not-at-top
   from flix_tasks import jsonl  # pylint: disable=g-import-not-at-top
   from flix_tasks import span_corruption  # pylint: disable=g-import-not-at-top
 
@@ -387,7 +387,7 @@ def methods_for(registration) -> dict[str, Method]:
   adapter per feature value: LoRA with the sum of their ranks has exactly as
   many parameters); single-group FLix at the same active rank.
   """
-  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+  from flix import featurized  # pylint: disable=g-import-not-at-top
 
   groups = registration.groups
   values = featurized.feature_values(registration.train_mixture)
@@ -495,7 +495,7 @@ def adapt_and_evaluate(
   """Trains one (method, mixture, seed) run (or reloads it) and evaluates."""
   from flix import evaluation  # pylint: disable=g-import-not-at-top
   from flix import train_step  # pylint: disable=g-import-not-at-top
-  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+  from flix import featurized  # pylint: disable=g-import-not-at-top
 
   files = [f"reproduce/{method.gin_file}", *files]
   bindings = [

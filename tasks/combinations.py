@@ -27,7 +27,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import seqio
 import tensorflow as tf
 
-from flix_tasks import featurized
+from flix import featurized
+from flix_tasks import metrics
 
 Combination = tuple[str, ...]  # Values in `groups` order ("" = absent).
 ExamplesFn = Callable[[Combination, str], Sequence[tuple[str, str]]]
@@ -126,9 +127,7 @@ def register(
       name: seqio.Feature(vocabulary=vocabulary, add_eos=True)
       for name in ("inputs", "targets")
   }
-  metric_fns = (
-      featurized.default_metric_fns() if metric_fns is None else metric_fns
-  )
+  metric_fns = metrics.DEFAULT_METRIC_FNS if metric_fns is None else metric_fns
   pairs = tuple(num_examples)
   held = tuple(p for p in pairs if p in set(map(tuple, held_out)))
   names, counts = {}, {}

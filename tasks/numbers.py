@@ -78,19 +78,6 @@ _ORDER_SALT = 2
 VOCABULARY = seqio.ByteVocabulary()
 
 
-def output_features(
-    vocabulary: seqio.Vocabulary = VOCABULARY,
-) -> dict[str, seqio.Feature]:
-  """Inputs and targets in `vocabulary`, each ending with EOS."""
-  return {
-      name: seqio.Feature(vocabulary=vocabulary, add_eos=True)
-      for name in ("inputs", "targets")
-  }
-
-
-OUTPUT_FEATURES = output_features()
-
-
 # ---- Numbers and their spelling ----
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flix_tasks import featurized
+from flix import featurized
 
 Text = tuple[str, str]  # (lead, text); lead "" for none.
 

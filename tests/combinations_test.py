@@ -4,7 +4,7 @@ import pytest
 import seqio
 
 from flix_tasks import combinations
-from flix_tasks import featurized
+from flix import featurized
 from flix_tasks import span_corruption
 
 EXAMPLES = {
