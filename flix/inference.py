@@ -62,11 +62,16 @@ def infer(
     split: str = "test",
     batch_size: int = 32,
     decode_kwargs: Optional[Mapping[str, Any]] = None,
+    vocabulary: Optional[seqio.Vocabulary] = None,
 ) -> str:
-  """Predicts for every input; returns the path of the predictions JSONL."""
+  """Predicts for every input; returns the path of the predictions JSONL.
+
+  `vocabulary` tokenizes `input_file`'s texts (default bytes); a task's own
+  vocabulary is used for `mixture_or_task_name`.
+  """
   model, params, _ = checkpoints.load_for_inference(model, checkpoint_path)
   if input_file:
-    vocabulary = seqio.ByteVocabulary()
+    vocabulary = vocabulary or seqio.ByteVocabulary()
     records = read_featurized_inputs(input_file)
     examples = records
     name = os.path.splitext(os.path.basename(input_file))[0]

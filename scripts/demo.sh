@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The embedded default, offline on CPU: a tiny base model, then FLix on the
-# numbers mixture, evaluated supervised and zero-shot.
+# The embedded default, offline on CPU (~5 min on 2 cores): a small T5 base
+# pre-trained on spelled-out numbers, then FLix on the multitask x
+# multilingual numbers mixture, evaluated on the pairs it was trained on and
+# on held-out (zero-shot) pairs. Ends with a summary.
 # Usage: bash scripts/demo.sh [OUTPUT_DIR]   (default /tmp/flix_demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +13,4 @@ python -m flix.train --gin_file=configs/demo_base.gin \
 python -m flix.train --gin_file=configs/demo.gin \
   --gin.MODEL_DIR="\"$OUT/flix\"" \
   --gin.INITIAL_CHECKPOINT_PATH="\"$OUT/base\""
-echo "Results: $OUT/flix/eval/results-validation-300.{json,txt,png}"
+python scripts/demo_summary.py "$OUT/flix/eval"
