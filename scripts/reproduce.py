@@ -430,11 +430,10 @@ def methods_for(registration) -> dict[str, Method]:
 # ---- Stages ----
 
 
-def base_stage(args, data: Data, files: Sequence[str], bindings) -> dict:
-  """Trains (or reuses) the base model; returns its info (`model_dir`...)."""
-  from flix import checkpoints  # pylint: disable=g-import-not-at-top
-  from flix import train_step  # pylint: disable=g-import-not-at-top
-
+def base_config(
+    args, data: Data, files: Sequence[str], bindings: Sequence[str]
+) -> tuple[list[str], list[str], str]:
+  """The base run's gin files, bindings and (cached) model directory."""
   files = ["reproduce/base.gin", *files]
   bindings = [
       *bindings,
@@ -443,7 +442,15 @@ def base_stage(args, data: Data, files: Sequence[str], bindings) -> dict:
       *args.base_binding,
   ]
   key = _key(_config_text(files), bindings, data.key, args.vocab_size)
-  model_dir = os.path.join(args.cache_dir, f"base-{key}")
+  return files, bindings, os.path.join(args.cache_dir, f"base-{key}")
+
+
+def base_stage(args, data: Data, files: Sequence[str], bindings) -> dict:
+  """Trains (or reuses) the base model; returns its info (`model_dir`...)."""
+  from flix import checkpoints  # pylint: disable=g-import-not-at-top
+  from flix import train_step  # pylint: disable=g-import-not-at-top
+
+  files, bindings, model_dir = base_config(args, data, files, bindings)
   start = time.time()
   parse(files, bindings + [f"MODEL_DIR = '{model_dir}'"])
   latest = (
