@@ -75,22 +75,21 @@ import reproduce_report as report  # pylint: disable=g-import-not-at-top
 
 CONFIG_DIR = os.path.join(REPO, "configs", "reproduce")
 
-# Budgets: adaptation steps per multitask run, base pre-training steps,
+# Budgets: base pre-training steps, adaptation steps per multitask run,
 # evaluation examples per pair, and the gin file appended to every stage.
+# Chosen on the validation split (docs/reproduce/RUN.md).
 PRESETS = {
-    # ~45 min on 2 CPU cores (docs/reproduce/RUN.md).
-    "cpu": {"gin": None, "base_steps": 3000, "steps": 1000, "eval": 32},
-    # A bigger base and budget for one H100-class GPU (~8 min, not run).
-    "gpu": {"gin": "gpu.gin", "base_steps": 6000, "steps": 2000, "eval": 100},
+    # ~45 min on 2 quiet CPU cores.
+    "cpu": {"gin": None, "base_steps": 1000, "steps": 600, "eval": 32},
+    # A 25M-parameter base, batches of 128, for one H100-class GPU: sized
+    # from FLOPs for ~8 min, NOT run (configs/reproduce/gpu.gin).
+    "gpu": {"gin": "gpu.gin", "base_steps": 2000, "steps": 300, "eval": 100},
     # The pipeline end to end on a tiny model (tests/reproduce_test.py).
     "smoke": {"gin": "smoke.gin", "base_steps": 2, "steps": 4, "eval": 2},
 }
-# The numbers data (numbers below 1000, SentencePiece, digit-led texts).
-NUMBERS = {
-    "max_number": 1000,
-    "pretrain_size": 1000,
-    "digits_rate": 0.8,
-}
+# The numbers data: numbers below 1000; every pre-training text led by its
+# digits.
+NUMBERS = {"max_number": 1000, "pretrain_size": 1000, "digits_rate": 1.0}
 SMOKE_NUMBERS = {
     "languages": "en,de,fr",
     "tasks": "cardinal,ordinal,year",
@@ -638,7 +637,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   add(
       "--prefix_rate",
       type=float,
-      default=0.3,
+      default=0.5,
       help="Share of pre-training examples that hide the end of a text (all "
       "of its spelling after digits).",
   )
