@@ -75,6 +75,7 @@ def build_run(
           jax.tree.map(np.asarray, params),
           initial_checkpoint_path,
           fresh_patterns=train_step_lib.ADAPTER_PATTERNS,
+          config=model.config,
       )
       params = jax.device_put(loaded, param_sharding)
     state = jax.jit(
