@@ -249,7 +249,11 @@ def train(
   }
 
   from flix import input_pipeline  # pylint: disable=g-import-not-at-top
+  from flix import vocabularies  # pylint: disable=g-import-not-at-top
 
+  vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
+  vocabularies.check_fits(vocabulary, model.config.vocab_size)
+  run.meta[vocabularies.META_KEY] = vocabularies.record(vocabulary, model_dir)
   batches = input_pipeline.train_batches(
       mixture_or_task_name,
       task_feature_lengths,
