@@ -407,3 +407,48 @@ def test_hf_forms_import_with_transformers_logits(form, tmp_path):
   np.testing.assert_allclose(
       _hf_logits(again.eval(), batch)[mask], want, atol=1e-6
   )
+
+
+def test_checkpoint_and_network_disagreements_are_named(tmp_path):
+  from flix import checkpoints  # pylint: disable=g-import-not-at-top
+
+  def target(config):
+    return jax.eval_shape(
+        models.FlixModel(config).init_params, jax.random.PRNGKey(0)
+    )
+
+  tied_dir, untied_dir = str(tmp_path / "tied"), str(tmp_path / "untied")
+  _save_form("transformers5_mt5", tied_dir)
+  _save_form("released_mt5", untied_dir)
+  dims = hf_checkpoint.t5_config_from_hf(
+      hf_checkpoint.read_hf_config(tied_dir),
+      hf_checkpoint.read_hf_weight_names(tied_dir),
+  )
+  untied = network.T5Config(**{**dims, "logits_via_embedding": False})
+  with pytest.raises(
+      ValueError, match="logits_via_embedding: checkpoint True vs network False"
+  ):
+    checkpoints.restore_base_params(target(untied), tied_dir, config=untied)
+  with pytest.raises(
+      ValueError, match="missing \\(decoder/logits_dense/kernel"
+  ):
+    checkpoints.restore_base_params(target(untied), tied_dir)
+  tied = network.T5Config(**dims)
+  with pytest.raises(
+      ValueError,
+      match="1 the model does not have \\(decoder/logits_dense/kernel "
+      "\\(30, 101\\)\\)",
+  ):
+    checkpoints.restore_base_params(target(tied), untied_dir)
+  wider = network.T5Config(**{**dims, "mlp_dim": 38})
+  with pytest.raises(ValueError, match="mlp_dim: checkpoint 37 vs network 38"):
+    checkpoints.restore_base_params(target(wider), tied_dir, config=wider)
+  with pytest.raises(
+      ValueError,
+      match="encoder/layers_0/mlp/wi_0/kernel: checkpoint \\(30, 37\\) vs "
+      "model \\(30, 38\\)",
+  ):
+    checkpoints.restore_base_params(target(wider), tied_dir)
+  # The matching network loads.
+  loaded = checkpoints.restore_base_params(target(tied), tied_dir, config=tied)
+  assert "logits_dense" not in loaded["decoder"]
