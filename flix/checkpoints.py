@@ -7,7 +7,8 @@ A run's checkpoint `MODEL_DIR/checkpoints/<step>/` holds three items:
   opt_state  their optimizer state
   meta       JSON: feature vocabulary, network config, the base reference
              (`initial_checkpoint` path or `init_seed`), trainable patterns,
-             data position (batches consumed), step
+             data position (batches consumed), step, the token vocabulary
+             (`flix.vocabularies`)
 
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a crash mid-save leaves the previous checkpoint as the latest.
