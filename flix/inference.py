@@ -74,7 +74,7 @@ def infer(
       checkpoint_path,
       vocabulary,
       embedding_rows=model.config.vocab_size,
-      required=not mixture_or_task_name,
+      required=bool(input_file),
   )
   model, params, _ = checkpoints.load_for_inference(model, checkpoint_path)
   if input_file:

@@ -36,6 +36,8 @@ from typing import Any, Mapping, Optional, Union
 import seqio
 import tensorflow as tf
 
+from flix import checkpoints
+
 VOCABULARY_DIR = "vocabulary"
 META_KEY = "vocabulary"
 
@@ -255,8 +257,6 @@ def vocabulary_for_checkpoint(
       more ids than embedding rows; a SentencePiece file that changed.
   """
   if isinstance(checkpoint, str):
-    from flix import checkpoints  # pylint: disable=g-import-not-at-top
-
     meta, model_dir, where = (
         checkpoints.read_meta(checkpoint),
         _model_dir_of(checkpoint),
