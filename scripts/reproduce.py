@@ -26,7 +26,7 @@ Data (--data):
            train split lacks; the base pre-trains on the train targets (and
            the lines of --pretrain_files).
 Either way a SentencePiece vocabulary is trained on the train split
-(`flix_tasks.vocabularies`).
+(`flix_tasks.sentencepiece_trainer`).
 
 Stages (gin configs under configs/reproduce/, run in this process through
 `flix.trainer.train`; --preset appends its gin file to every stage):
@@ -176,11 +176,11 @@ class Data:
 
 def _vocabulary(args, texts: Sequence[str]):
   import seqio  # pylint: disable=g-import-not-at-top
-  from flix_tasks import vocabularies  # pylint: disable=g-import-not-at-top
+  from flix_tasks import sentencepiece_trainer  # pylint: disable=g-import-not-at-top
 
   if args.vocabulary == "bytes":
     return seqio.ByteVocabulary(extra_ids=125)
-  return vocabularies.sentencepiece_vocabulary(
+  return sentencepiece_trainer.sentencepiece_vocabulary(
       texts, args.cache_dir, args.vocab_size
   )
 

@@ -58,11 +58,6 @@ def _vocabulary() -> seqio.SentencePieceVocabulary:
 VOCABULARY = _vocabulary()
 
 
-def vocabulary() -> seqio.Vocabulary:
-  """The demo's vocabulary (for gin: `@numbers_demo.vocabulary()`)."""
-  return VOCABULARY
-
-
 def vocab_size() -> int:
   """Embedding rows the demo's model needs (sentinels included)."""
   return VOCABULARY.vocab_size

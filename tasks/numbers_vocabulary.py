@@ -1,4 +1,4 @@
-"""The numbers mixture's SentencePiece vocabulary (`flix_tasks.vocabularies`).
+"""The numbers mixture's SentencePiece vocabulary (`flix_tasks.sentencepiece_trainer`).
 
 Trained on the texts of the train split only (inputs and targets of every
 pair), so no validation or test number shapes the vocabulary.
@@ -11,7 +11,7 @@ from typing import Sequence
 import seqio
 
 from flix_tasks import numbers
-from flix_tasks import vocabularies
+from flix_tasks import sentencepiece_trainer
 
 
 def training_texts(
@@ -48,7 +48,7 @@ def sentencepiece_vocabulary(
   Returns:
     A `seqio.SentencePieceVocabulary` with `vocab_size + extra_ids` ids.
   """
-  return vocabularies.sentencepiece_vocabulary(
+  return sentencepiece_trainer.sentencepiece_vocabulary(
       training_texts(pairs, size, max_number),
       cache_dir,
       vocab_size,

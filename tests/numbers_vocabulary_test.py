@@ -1,5 +1,5 @@
 """The numbers' SentencePiece vocabulary and span corruption over it
-(`flix_tasks.vocabularies`, `span_corruption`, `numbers_*`)."""
+(`flix_tasks.sentencepiece_trainer`, `span_corruption`, `numbers_*`)."""
 
 import os
 
@@ -10,7 +10,7 @@ from flix_tasks import numbers
 from flix_tasks import numbers_pretrain
 from flix_tasks import numbers_vocabulary
 from flix_tasks import span_corruption
-from flix_tasks import vocabularies
+from flix_tasks import sentencepiece_trainer
 
 PAIRS = (("cardinal", "en"), ("cardinal", "fr"), ("ordinal", "de"))
 
@@ -58,7 +58,7 @@ def test_cached_model_is_reused_and_training_is_deterministic(tmp_path):
   assert os.stat(path).st_mtime_ns == stamp
   texts = numbers_vocabulary.training_texts(PAIRS[:1], 200, 1000)
   with open(path, "rb") as f:
-    assert vocabularies.train_sentencepiece(texts, 60) == f.read()
+    assert sentencepiece_trainer.train_sentencepiece(texts, 60) == f.read()
   other = numbers_vocabulary.sentencepiece_vocabulary(
       PAIRS[:1], str(tmp_path), vocab_size=50, size=200, max_number=1000
   )
