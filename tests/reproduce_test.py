@@ -1,8 +1,9 @@
 """scripts/reproduce.py: the whole study on a tiny featurized JSONL fixture.
 
-Base pre-training, every method on the multitask mixture (2 seeds), the
-single-task runs of Figure 2, evaluation, the paired comparisons and every
-output file, on the tiniest config (configs/reproduce/smoke.gin). The
+Base pre-training, every method on the multitask mixture (one seed: the
+aggregation over seeds is tested on its own in reproduce_report_test.py),
+the single-task runs of Figure 2, evaluation, the paired comparisons and
+every output file, on the tiniest config (configs/reproduce/smoke.gin). The
 fixture's feature groups are not called task and language, and one of its
 combinations is only in the evaluation splits: the study must find it.
 Compiled programs are cached across test runs under
@@ -85,12 +86,12 @@ def test_jsonl_study_writes_every_output(tmp_path):
       f"--validation_files={files['validation']}",
       f"--test_files={files['test']}",
       f"--pretrain_files={files['pretrain']}",
-      "--seeds=0,1",
+      "--seeds=0",
       f"--output_dir={out}",
       f"--cache_dir={cache}",
       f"--jax_cache_dir={jax_cache / 'jax_cache_smoke'}",
   ]
-  _run(command, 900)
+  _run(command, 1800)
 
   results = json.loads((out / "results.json").read_text())
   assert results["preset"] == "smoke" and results["split"] == "test"
@@ -104,7 +105,7 @@ def test_jsonl_study_writes_every_output(tmp_path):
     for subset in ("supervised", "zero_shot"):
       for metric in ("exact_match", "cer"):
         stats = method[subset][metric]
-        assert len(stats["per_seed"]) == 2
+        assert len(stats["per_seed"]) == 1
         assert all(v >= 0 for v in stats["per_seed"])
     zero_shot = [
         c["pair"] for c in method["cells"] if not c["seen_in_training"]
@@ -127,7 +128,7 @@ def test_jsonl_study_writes_every_output(tmp_path):
   for method in results["figure2"].values():
     assert set(method) == {"en", "all"}
     assert method["en"]["multilingual_train_steps"] == 3
-    assert len(method["all"]["delta_em"]["per_seed"]) == 2
+    assert len(method["all"]["delta_em"]["per_seed"]) == 1
 
   table = (out / "results.md").read_text()
   for method in results["methods"].values():
@@ -139,7 +140,7 @@ def test_jsonl_study_writes_every_output(tmp_path):
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 2000, name
 
   # A second run reuses the cached base and runs.
-  again = _run(command, 300)
+  again = _run(command, 900)
   assert "Reusing the cached base" in again.stderr
   assert json.loads((out / "results.json").read_text())["base"]["cached"]
 
