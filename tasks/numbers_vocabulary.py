@@ -31,7 +31,7 @@ def sentencepiece_vocabulary(
     pairs: Sequence[tuple[str, str]],
     cache_dir: str,
     vocab_size: int = 1000,
-    extra_ids: int = 100,
+    extra_ids: int = sentencepiece_trainer.EXTRA_IDS,
     size: int = numbers.DEFAULT_TRAIN_SIZE,
     max_number: int = numbers.DEFAULT_MAX_NUMBER,
 ) -> seqio.SentencePieceVocabulary:

@@ -23,6 +23,7 @@ from typing import Sequence
 import seqio
 import sentencepiece
 
+EXTRA_IDS = 100  # Sentinels on top of the pieces (span corruption).
 # T5's special ids: pad 0, EOS 1, unknown 2, no BOS.
 _SPECIAL_IDS = {"pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": -1}
 
@@ -52,7 +53,7 @@ def sentencepiece_vocabulary(
     texts: Sequence[str],
     cache_dir: str,
     vocab_size: int = 1000,
-    extra_ids: int = 100,
+    extra_ids: int = EXTRA_IDS,
 ) -> seqio.SentencePieceVocabulary:
   """The SentencePiece vocabulary of `texts` (trained once, then cached).
 
