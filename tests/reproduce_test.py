@@ -23,6 +23,7 @@ from flix_tasks import numbers
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import reproduce  # pylint: disable=g-import-not-at-top,wrong-import-position
+import reproduce_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MODES, LANGS = ("cardinal", "ordinal"), ("en", "fr")
 HELD_OUT = ("ordinal", "fr")
@@ -154,11 +155,11 @@ def test_numbers_data_and_methods(tmp_path):
           "--tasks=cardinal,ordinal",
       ]
   )
-  data = reproduce.numbers_data(args)
+  data = reproduce_data.numbers_data(args)
   registration = data.registration
   assert registration.groups == ("task", "language")
   assert registration.held_out == (("ordinal", "fr"),)
-  base, adaptation = reproduce.feature_lengths(data, args.max_length)
+  base, adaptation = reproduce_data.feature_lengths(data, args.max_length)
   for lengths in (base, adaptation):
     assert all(n % 8 == 0 for n in lengths.values())
   longest = max(
