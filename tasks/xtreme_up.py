@@ -637,7 +637,6 @@ def register_xtreme_up(
 
 
 
-_MIXTURES = ("multitask", "zeroshot_train", "zeroshot_eval")
 _registered: dict[str, Registration] = {}
 
 
@@ -653,16 +652,17 @@ def mixture(
     translation_prefix: str = "",
     multitask_rate: MixingRate = 1.0,
 ) -> str:
-  """Registers XTREME-UP (see `register_xtreme_up`) and returns a mixture name.
+  """Registers XTREME-UP (see `register_xtreme_up`) and returns a name.
 
   For gin: `MIXTURE_OR_TASK_NAME = @xtreme_up.mixture()` registers the data of
   `XTREME_UP_DIR` before anything looks the mixture up. Repeated calls with
   the same arguments register once.
 
   Args:
-    name: "multitask" (`xtreme_up_multitask_{vocabulary}`), or with a
-      `zero_shot_holdout`, "zeroshot_train" (without the held-out pairs) or
-      "zeroshot_eval" (all pairs).
+    name: "multitask" (`xtreme_up_multitask_{vocabulary}`), with a
+      `zero_shot_holdout` "zeroshot_train" (without the held-out pairs) or
+      "zeroshot_eval" (all pairs), or the name of any task or mixture the
+      registration made (e.g. `xtreme_up_ner_sw_mt5`).
     root: the extracted data directory.
     vocabulary: "byt5" or "mt5".
     spm_path: the mT5 SentencePiece model (default `DEFAULT_SPM_PATH`).
@@ -673,15 +673,16 @@ def mixture(
     multitask_rate: per-task rate in the multitask mixtures.
 
   Returns:
-    The registered mixture's name.
+    The registered task's or mixture's name.
+
+  Raises:
+    ValueError: `name` is none of these.
   """
-  if name not in _MIXTURES:
-    raise ValueError(f"XTREME-UP mixture {name!r} is not one of {_MIXTURES}.")
   kwargs = dict(
       root=root,
       vocabulary=vocabulary,
       spm_path=spm_path,
-      tasks=tuple(tasks) if not isinstance(tasks, str) else (tasks,),
+      tasks=(tasks,) if isinstance(tasks, str) else tuple(tasks),
       include_code_switched=include_code_switched,
       zero_shot_holdout=tuple(tuple(pair) for pair in zero_shot_holdout),
       translation_prefix=translation_prefix,
@@ -691,14 +692,23 @@ def mixture(
   if key not in _registered:
     _registered[key] = register_xtreme_up(**kwargs)
   registration = _registered[key]
-  names = {
+  aliases = {
       "multitask": registration.multitask,
       "zeroshot_train": registration.zeroshot_train,
       "zeroshot_eval": registration.zeroshot_eval,
   }
-  if names[name] is None:
+  if name in aliases and aliases[name] is None:
     raise ValueError(
         f"XTREME-UP mixture {name!r} needs a zero_shot_holdout (gin: "
         "xtreme_up.mixture.zero_shot_holdout = [('ner', 'sw')])."
     )
-  return names[name]
+  if name in aliases:
+    return aliases[name]
+  if name not in registration.tasks + registration.mixtures:
+    raise ValueError(
+        f"{name!r} is not an XTREME-UP task or mixture registered from "
+        f"{root}; use one of {sorted(aliases)}, a mixture "
+        f"({', '.join(registration.mixtures)}) or a task such as "
+        f"{registration.tasks[0]!r}."
+    )
+  return name
