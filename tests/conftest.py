@@ -116,7 +116,9 @@ def _xtreme_up_records(task: str, key: str, split: str, n: int) -> list:
           }
       )
     elif task == "autocomplete":
-      records.append({"context": f"he went to the {word} wor", "target": "world"})
+      records.append(
+          {"context": f"he went to the {word} wor", "target": "world"}
+      )
     else:  # semantic_parsing, translation, transliteration, asr
       records.append({"input": f"hello {word}", "target": f"world {word}"})
   return records
