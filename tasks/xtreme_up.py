@@ -636,7 +636,6 @@ def register_xtreme_up(
   )
 
 
-
 _registered: dict[str, Registration] = {}
 
 

@@ -99,19 +99,19 @@ def test_loss_and_logits_match_flix_model():
   flix, t5x = _models()
   params, batch = _params(flix), _batch(flix)
   np.testing.assert_allclose(
-      t5x._compute_logits(params, batch),
-      flix.compute_logits(params, batch),
+      jax.jit(t5x._compute_logits)(params, batch),
+      jax.jit(flix.compute_logits)(params, batch),
       atol=1e-6,
   )
-  t5x_loss, metrics = t5x.loss_fn(params, batch, None)
-  flix_loss, _ = flix.loss_fn(params, batch)
+  t5x_loss, metrics = jax.jit(t5x.loss_fn)(params, batch, None)
+  flix_loss, _ = jax.jit(flix.loss_fn)(params, batch)
   np.testing.assert_allclose(t5x_loss, flix_loss, atol=1e-6)
   assert "accuracy" in metrics and "loss" in metrics  # T5X's metrics.
   # Training: the dropout rng T5X passes also draws flix's feature dropout.
   rng = jax.random.PRNGKey(3)
   dropout_rng, feature_rng = jax.random.split(rng)
-  trained, _ = t5x.loss_fn(params, batch, rng)
-  expected, _ = flix.loss_fn(params, batch, dropout_rng, feature_rng)
+  trained, _ = jax.jit(t5x.loss_fn)(params, batch, rng)
+  expected, _ = jax.jit(flix.loss_fn)(params, batch, dropout_rng, feature_rng)
   np.testing.assert_allclose(trained, expected, atol=1e-6)
   assert abs(float(trained) - float(flix_loss)) > 1e-4  # features dropped
 
@@ -119,7 +119,7 @@ def test_loss_and_logits_match_flix_model():
 def test_base_is_neither_differentiated_nor_in_optimizer_state():
   flix, t5x = _models()
   params, batch = _params(flix), _batch(flix)
-  grads = jax.grad(lambda p: t5x.loss_fn(p, batch, None)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: t5x.loss_fn(p, batch, None)[0]))(params)
   flat = traverse_util.flatten_dict(grads, sep="/")
   adapter = {n for n in flat if layers.ADAPTER_LEAF_RE.match(n.split("/")[-1])}
   assert adapter and len(adapter) < len(flat)
@@ -284,7 +284,8 @@ def run(tmp_path_factory):
       -4000:
   ]
   killed_steps = sorted(p.name for p in model_dir.glob("checkpoint_*"))
-  resumed = _run("t5x.train", *args)
+  # Resumed without the in-training evaluation (t5x.eval is tested below).
+  resumed = _run("t5x.train", *args, "--gin.EVAL_PERIOD=0")
   return {
       "root": root,
       "model_dir": model_dir,
