@@ -24,6 +24,8 @@ from absl import flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+# The flix model's definition (size files bind only the preset name).
+MODEL_GIN = os.path.join(CONFIG_DIR, "models", "base.gin")
 
 # The selectors the run files bind for T5X's driver only (the thin driver
 # layer; tests/gin_configs_test.py pins that every shipped config parses

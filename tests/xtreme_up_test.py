@@ -1,5 +1,6 @@
 """Tests for flix_tasks.xtreme_up on tiny synthetic XTREME-UP-format files."""
 
+import copy
 import json
 import os
 import pathlib
@@ -484,8 +485,9 @@ def test_mixture_registers_from_gin_alone(root):
             "held_out/xtreme_up.mixture.name = 'zeroshot_eval'",
         ]
     )
-    name = gin.query_parameter("%NAME")
-    eval_name = gin.query_parameter("%EVAL")
+    # Evaluating a macro calls what it names (gin's deepcopy protocol).
+    name = copy.deepcopy(gin.query_parameter("%NAME"))
+    eval_name = copy.deepcopy(gin.query_parameter("%EVAL"))
   finally:
     gin.clear_config()
   assert name == "xtreme_up_multitask_mt5"
