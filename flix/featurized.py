@@ -284,15 +284,6 @@ def _leaf_task_names(mixture_or_task_name: str) -> list[str]:
   )
 
 
-def vocabulary(
-    mixture_or_task_name: str, feature: str = "targets"
-) -> seqio.Vocabulary:
-  """The vocabulary of a task's or mixture's `feature` (`inputs`, `targets`):
-  the one its examples are tokenized with (T5X's model must use the same)."""
-  task = seqio.get_mixture_or_task(mixture_or_task_name)
-  return task.output_features[feature].vocabulary
-
-
 def task_features(task_name: str) -> TaskFeatures:
   """The recorded features of one task (empty if it is not featurized)."""
   record = _TASK_FEATURES.get(task_name)

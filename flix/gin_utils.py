@@ -49,6 +49,7 @@ T5X_ONLY_SELECTORS = (
     "t5x_driver.checkpoint_to_restore",
     "t5x_driver.fresh_params_assignment_map",
     "t5x_driver.summarize_run",
+    "t5x_driver.task_vocabulary",
 )
 
 

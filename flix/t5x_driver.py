@@ -5,9 +5,13 @@ is `flix.t5x_model`); only T5X's sections of `configs/runs/*.gin` use it:
 
   summarize_run               T5X's `summarize_config_fn`: writes
                               MODEL_DIR/config.gin, as T5X does, and the flix
-                              run info (feature vocabulary, network config,
-                              base reference) that flix.eval, flix.infer,
-                              flix.export and T5X's eval/infer read.
+                              run info (feature vocabulary, token vocabulary,
+                              network config, base reference) that
+                              flix.eval, flix.infer, flix.export and T5X's
+                              eval/infer read.
+  task_vocabulary             the model's vocabulary: the task's (T5X checks
+                              they are equal), and the run's recorded one
+                              when evaluating (`flix.vocabularies`).
   fresh_params_assignment_map the `assignment_map` restoring the base from
                               INITIAL_CHECKPOINT_PATH (a public T5X mT5
                               checkpoint): adapters, optimizer state and the
@@ -40,6 +44,7 @@ from flix import featurized
 from flix import layers
 from flix import models
 from flix import train_step
+from flix import vocabularies
 
 
 def summarize_run(
@@ -59,17 +64,37 @@ def summarize_run(
   (the adapters would map to the wrong features).
   """
   t5x_gin_utils.summarize_gin_config(model_dir, summary_writer, step)
-  if jax.process_index() == 0:
-    checkpoints.write_run_info(
-        model_dir,
-        checkpoints.run_meta(
-            model,
-            trainable_patterns,
-            initial_checkpoint_path,
-            random_seed,
-            mixture_or_task_name,
-        ),
+  if jax.process_index() != 0:
+    return
+  meta = checkpoints.run_meta(
+      model,
+      trainable_patterns,
+      initial_checkpoint_path,
+      random_seed,
+      mixture_or_task_name,
+  )
+  vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
+  vocabularies.check_fits(vocabulary, model.config.vocab_size)
+  meta[vocabularies.META_KEY] = vocabularies.record(vocabulary, model_dir)
+  checkpoints.write_run_info(model_dir, meta)
+
+
+def task_vocabulary(
+    mixture_or_task_name: str,
+    checkpoint_path: Optional[str] = None,
+    configured: vocabularies.VocabularySpec = None,
+) -> seqio.Vocabulary:
+  """The vocabulary T5X's model holds: the task's own object (T5X requires
+  the model's to equal it), which must tokenize as the run's recorded (or
+  named, `VOCABULARY`) vocabulary when a checkpoint is given."""
+  vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
+  if checkpoint_path:
+    recorded = vocabularies.vocabulary_for_checkpoint(
+        checkpoint_path, configured, required=False
     )
+    if recorded is not None:
+      vocabularies.check_task(mixture_or_task_name, recorded)
+  return vocabulary
 
 
 def fresh_params_assignment_map(
