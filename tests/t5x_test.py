@@ -354,7 +354,8 @@ def test_run_info_saved_for_flix_tools(run):
 
 @pytest.fixture(scope="module")
 def evaluated(run):
-  """`t5x.eval`, `t5x.infer` and `flix.infer` on the run, concurrently."""
+  """`t5x.eval`, `t5x.infer`, `flix.infer` and `flix.export` on the run,
+  concurrently."""
   root, model_dir = run["root"], run["model_dir"]
   common = [
       "--gin_file=configs/models/tiny.gin",
@@ -385,6 +386,14 @@ def evaluated(run):
           *common,
           *unseen,
           f'--gin.INFER_OUTPUT_DIR="{root / "flix_infer"}"',
+      ),
+      "flix_export": _command(
+          "flix.export",
+          f"--checkpoint={model_dir}",
+          "--gin_file=configs/models/tiny.gin",
+          "--features=task=ner,language=yo",
+          "--format=peft",
+          f"--output={root / 'peft_ner_yo'}",
       ),
   }
   env = dict(_ENV, XLA_FLAGS="")
@@ -451,3 +460,12 @@ def test_t5x_infer_predicts_unseen_pair_like_flix_infer(evaluated):
   for line in t5x_lines:
     text = line["inputs"]["inputs_pretokenized"]
     assert line["prediction"] == by_input[text]
+
+
+def test_flix_export_reads_the_t5x_run(evaluated):
+  """The unseen pair as one PEFT LoRA adapter, from T5X's checkpoint."""
+  config = json.loads(
+      (evaluated / "peft_ner_yo" / "adapter_config.json").read_text()
+  )
+  assert config["peft_type"] == "LORA" and config["r"] > 0
+  assert (evaluated / "peft_ner_yo" / "adapter_model.safetensors").is_file()

@@ -9,7 +9,6 @@ import pytest
 import seqio
 
 from flix import featurized
-from flix import vocabularies
 from flix_tasks import metrics
 from flix_tasks import xtreme_up
 
@@ -495,7 +494,9 @@ def test_mixture_registers_from_gin_alone(root):
   assert eval_name == "xtreme_up_multitask_zeroshot_eval_mt5"
   assert name in seqio.MixtureRegistry.names()
   # SPM_PATH is honoured (loaded lazily, so a missing file fails on use).
-  vocabulary = vocabularies.mixture_vocabulary(name)
+  vocabulary = (
+      seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+  )
   assert vocabulary.sentencepiece_model_file == "/no/such/spm.model"
   assert (
       xtreme_up.mixture(
