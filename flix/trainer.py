@@ -21,9 +21,9 @@ import optax
 
 from flix import checkpoints
 from flix import features as features_lib
-from flix import layers
 from flix import models
 from flix import partitioning
+from flix import routing
 from flix import train_step as train_step_lib
 
 PyTree = Any
@@ -353,10 +353,8 @@ def train(
     while step < train_steps:
       batch = next(batches)
       if model.feature_space is not None:
-        layers.check_max_segments(
-            batch["encoder_feature_ids"],
-            config.max_segments,
-            config.flix_strategy,
+        routing.check_max_segments(
+            batch["encoder_feature_ids"], config.max_segments
         )
       run.state, metrics = run.step_fn(
           run.state, to_device_batch(batch, run.mesh), rng
