@@ -68,10 +68,14 @@ STRATEGIES = ("segment", "dense", "slots", "sorted", "ragged")
 VALUES_AXIS = "flix_values"
 RANK_AXIS = "lora_rank"
 
-# The CPU planner's price of a sorted token-chunk position relative to a
-# slots token-slot pair (two permutations per matmul pair, padding, small
-# batched matmuls); measured with scripts/bench_layer.py on XLA:CPU.
-SORTED_COST = 4.0
+# The CPU planner's prices, per token, in adapter columns (one rank column
+# of one value's A and B), fitted to scripts/bench_layer.py runs on XLA:CPU
+# (d_in 512, d_out 512 and 1024, ranks 4 and 8, 1 to 16 examples per row):
+# a slot column costs more than a dense one (batched per-row matmuls, weight
+# gathers); sorting a group costs about this many columns whatever its rank
+# (permuting inputs, outputs and their gradients into chunk order).
+SLOTS_COST = 1.25
+SORTED_COST = 48.0
 _MIN_CHUNK, _MAX_CHUNK = 16, 128
 
 default_kernel_init = nn.initializers.variance_scaling(
@@ -280,13 +284,14 @@ def plan(
       chosen.append("dense")
     elif backend != "cpu":
       chosen.append("ragged")
-    else:  # cost per token in units of one adapter of the group's rank
+    else:  # adapter columns per token
       max_values = _max_values(group, routing)
       padded = num_tokens + max_values * _chunking(num_tokens, max_values)
+      rank = group.max_rank
       costs = {
-          "dense": group.num_values,
-          "slots": routing.num_slots,
-          "sorted": SORTED_COST * padded / num_tokens,
+          "dense": group.num_values * rank,
+          "slots": SLOTS_COST * routing.num_slots * rank,
+          "sorted": rank * padded / num_tokens + SORTED_COST,
       }
       chosen.append(min(costs, key=costs.get))  # ties: first listed
   return tuple(chosen)

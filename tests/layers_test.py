@@ -164,7 +164,7 @@ MIXED_SPACE = features_lib.FeatureSpace(
         features_lib.FeatureGroup(
             "language",
             tuple(f"l{i}" for i in range(20)),
-            rank=3,
+            rank=8,
             value_ranks=(("l5", 1),),
         ),
     )
@@ -216,7 +216,9 @@ def test_plan_picks_per_backend_and_group():
   space = features_lib.FeatureSpace(
       groups=(
           features_lib.FeatureGroup("lora", ("on",), rank=4),
-          features_lib.FeatureGroup("language", tuple("abcdefghij"), rank=4),
+          features_lib.FeatureGroup(
+              "language", tuple(f"l{i}" for i in range(100)), rank=8
+          ),
       )
   )
   unpacked = layers.route(jnp.ones((32, 128, 2), jnp.int32), "segment", 1)
