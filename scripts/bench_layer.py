@@ -3,7 +3,8 @@
 Rows: the frozen base layer; plain LoRA of rank 2r twice, hand-written (2-D
 matmuls, the fastest formulation we found) and the library's
 (`FeatureSpace.lora` through `flix_delta`); FLix with two groups of rank r
-(two active features per token) and 10 or 200 values per group, for each
+(two active features per token) and 10 or 200 values per group (or A tasks
+x B languages, `--inventories 8x100`), for each
 requested strategy ("segment", the default, prints the formulation it chose
 per group). Each call returns the layer's output and the gradients w.r.t. the
 inputs and the adapters (the base kernel is frozen), as in training. Ratios
@@ -52,10 +53,11 @@ def forward_backward(fn, argnums):
   return jax.jit(run)
 
 
-def packed_ids(key, rows, length, segments, num_values, num_groups=2):
-  """int [rows, length, groups]: `segments` equal runs per row, random ids."""
+def packed_ids(key, rows, length, segments, num_values):
+  """int [rows, length, groups]: `segments` equal runs per row, random ids
+  (group g's in [1, num_values[g]])."""
   example_ids = jax.random.randint(
-      key, (rows, segments, num_groups), 1, num_values + 1
+      key, (rows, segments, len(num_values)), 1, jnp.array(num_values) + 1
   )
   return jnp.repeat(example_ids, length // segments, axis=1)
 
@@ -110,17 +112,19 @@ def build_cases(
       (x, [(lora_a[None], lora_b[None])], w0, lora_ids, cotangent),
   )
 
-  for num_values in inventories:
+  for inventory in inventories:
+    sizes = [int(v) for v in inventory.split("x")]
+    sizes = sizes * (2 // len(sizes))  # "10": both groups 10 values
     space = features_lib.FeatureSpace(
         groups=tuple(
             features_lib.FeatureGroup(
-                name, tuple(map(str, range(num_values))), rank=rank
+                name, tuple(map(str, range(v))), rank=rank
             )
-            for name in ("task", "language")
+            for name, v in zip(("task", "language"), sizes)
         )
     )
     adapters = []
-    for g in range(2):
+    for g, num_values in enumerate(sizes):
       ka, kb = jax.random.split(jax.random.fold_in(ka, g))
       adapters.append(
           (
@@ -128,7 +132,7 @@ def build_cases(
               jax.random.normal(kb, (num_values, rank, d_out)) * 0.02,
           )
       )
-    ids = packed_ids(ki, rows, length, packed_segments, num_values)
+    ids = packed_ids(ki, rows, length, packed_segments, sizes)
     for strategy in strategies:
       groups_per_row = rows * min(packed_segments, length)
       if (
@@ -136,9 +140,9 @@ def build_cases(
           and jax.default_backend() == "cpu"
           and groups_per_row * rows * length * d_in > _MAX_RAGGED_CPU_ELEMENTS
       ):
-        print(f"# skipped ragged at V={num_values}: dense rewrite on CPU")
+        print(f"# skipped ragged at V={inventory}: dense rewrite on CPU")
         continue
-      name = f"FLix 2x r={rank} V={num_values} {strategy}"
+      name = f"FLix 2x r={rank} V={inventory} {strategy}"
       cases[name] = (
           flix(space, strategy),
           (x, adapters, w0, ids, cotangent),
@@ -156,7 +160,11 @@ def main():
   parser.add_argument("--d_out", type=int, default=1024)
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--reps", type=int, default=15)
-  parser.add_argument("--inventories", default="10,200")
+  parser.add_argument(
+      "--inventories",
+      default="10,200",
+      help="values per group, or TASKSxLANGUAGES (e.g. 8x100)",
+  )
   parser.add_argument(
       "--strategies",
       default="segment",
@@ -180,7 +188,7 @@ def main():
       args.d_out,
       args.rank,
       args.strategies.split(","),
-      [int(v) for v in args.inventories.split(",")],
+      args.inventories.split(","),
       args.packed_segments,
   )
   for fn, fn_args in cases.values():
