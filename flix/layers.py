@@ -40,8 +40,8 @@ differ in which rows a token is multiplied with:
 
 All are exact (tests check each against a naive per-token sum). A row may
 hold at most `max_segments` runs; in a batch with a longer row every token
-with a feature gets NaN (never a silently wrong value) and `routing.check_max_segments` tells the user on the
-host before a step.
+with a feature gets NaN (never a silently wrong value), and
+`routing.check_max_segments` tells the user on the host before a step.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ class _RowTables:
     self.a = jnp.concatenate(a_rows).astype(dtype)
     self.b = jnp.concatenate(b_rows).astype(dtype)
     # `poison` (1 or NaN) rides on the small coefficient table, not on the
-    # [B, L, O] output: NaN coefficients make every token's delta NaN.
+    # [B, L, O] output: NaN coefficients make every token's delta NaN
+    # (tokens without features may stay 0).
     self.coef = jnp.asarray(np.concatenate(coefs), dtype) * poison
     self.row_group = np.concatenate(row_group)
     self.row_id = np.concatenate(row_id)
@@ -173,6 +174,7 @@ _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def _delta_dense(tables, x, ids):
+  """Every value's rows, masked per token: x [B, L, D] -> [B, L, O]."""
   batch, length, d_in = x.shape
   # 2-D matmuls: XLA:CPU ran the 3-D einsum of the same product slower.
   h = x.reshape(-1, d_in) @ tables.a.T  # [T, rows]
@@ -183,6 +185,7 @@ def _delta_dense(tables, x, ids):
 
 
 def _delta_slots(tables, x, routing):
+  """Each row's runs' rows on the whole row, masked: [B, L, D] -> [B, L, O]."""
   batch, num_slots = routing.slot_ids.shape[:2]
   rows, coef = tables.rows_of_slots(routing)  # [B, S, K]
   k = rows.shape[-1]
@@ -211,6 +214,7 @@ def _max_values(group, routing) -> int:
 
 
 def _delta_sorted(tables, x, routing, group, max_values):
+  """One group on value-sorted chunks of tokens: [B, L, D] -> [B, L, O]."""
   (g,) = tables.groups
   batch, length, d_in = x.shape
   num_tokens = batch * length
@@ -232,6 +236,7 @@ def _delta_sorted(tables, x, routing, group, max_values):
 
 
 def _delta_ragged(tables, x, routing):
+  """ragged_dot over each row's runs in order: [B, L, D] -> [B, L, O]."""
   batch, length, d_in = x.shape
   num_slots = routing.num_slots
   rows, coef = tables.rows_of_slots(routing)  # [B, S, K]
