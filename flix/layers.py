@@ -47,6 +47,7 @@ with a feature gets NaN (never a silently wrong value), and
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Optional, Sequence, Union
 
 import flax.linen as nn
@@ -63,6 +64,18 @@ Initializer = Callable[..., Array]
 Routing = routing_lib.Routing
 
 STRATEGIES = ("segment", "dense", "slots", "sorted", "ragged")
+
+# Adapters are the leaves `lora_a_<group>` [V, D, R] and `lora_b_<group>`
+# [V, R, O] beside a layer's `kernel`; every module that finds, freezes, saves
+# or exports adapters uses these three.
+ADAPTER_LEAF_RE = re.compile(r"^lora_([ab])_(.+)$")
+ADAPTER_PATH_PATTERN = r".*/lora_[ab]_[^/]*"  # '/'-joined param paths
+
+
+def adapter_leaf_names(group: str) -> tuple[str, str]:
+  """(A, B) leaf names of `group`'s adapters, e.g. `lora_a_task`."""
+  return f"lora_a_{group}", f"lora_b_{group}"
+
 
 # Logical axis names of adapter dimensions (replicated by default rules).
 VALUES_AXIS = "flix_values"
@@ -447,8 +460,9 @@ class FlixDense(nn.Module):
         )
       adapters = []
       for group in self.feature_space.groups:
+        a_name, b_name = adapter_leaf_names(group.name)
         a = self.param(
-            f"lora_a_{group.name}",
+            a_name,
             nn.with_logical_partitioning(
                 self.adapter_init, (VALUES_AXIS, self.kernel_axes[0], RANK_AXIS)
             ),
@@ -456,7 +470,7 @@ class FlixDense(nn.Module):
             jnp.float32,
         )
         b = self.param(
-            f"lora_b_{group.name}",
+            b_name,
             nn.with_logical_partitioning(
                 nn.initializers.zeros,
                 (VALUES_AXIS, RANK_AXIS, self.kernel_axes[1]),

@@ -182,6 +182,6 @@ def check_max_segments(feature_ids: np.ndarray, max_segments: int) -> None:
     raise ValueError(
         f"A batch row packs {int(runs.max())} examples with different "
         f"features, but the FLix layers have max_segments={max_segments} "
-        "slots per row. Set network.T5Config.max_segments (gin) to at least "
-        "the number of examples packed per row."
+        "slots per row. Set MAX_SEGMENTS (gin) to at least the number of "
+        "examples packed per row."
     )

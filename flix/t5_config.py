@@ -2,7 +2,8 @@
 
 `T5Config` is a frozen, hashable dataclass validated in `__post_init__`;
 `preset(name, **overrides)` returns mT5 small..xxl, ByT5 small/base, the
-tiny T5 v1.1 of the shared test checkpoint, or a tiny test model. The FLix
+tiny T5 v1.1 of prompt-tuning's test checkpoint, or a tiny test model (sizes:
+docs/mt5_reference.md §3). The FLix
 fields say which dense layers carry adapters and how they are computed.
 """
 
@@ -10,22 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from flix import features as features_lib
 from flix import layers
 
-Array = jax.Array
-Initializer = Callable[..., Array]
-
 # Dense layers that can carry adapters ('wi_<n>' for gated MLPs).
 _TARGET_RE = re.compile(r"^(query|key|value|out|wi|wi_\d+|wo|logits_dense)$")
 _STACKS = ("encoder", "decoder")
-_MASK_BIAS = -1e10  # T5X's additive bias of disallowed attention positions.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +40,12 @@ class T5Config:
     mlp_activations: one activation per input projection (`flax.linen` names
       or 'linear'), multiplied elementwise: ('gelu', 'linear') is gated GELU.
     dropout_rate: the one rate used everywhere.
-    logits_via_embedding: tie logits to the embedding (T5 1.0 style).
+    logits_via_embedding: the output projection is the token embedding
+      (tied; T5 1.0, transformers' MT5 without an `lm_head.weight`).
+    scale_decoder_outputs: multiply the decoder output by emb_dim**-0.5
+      before the output projection. None: exactly when logits_via_embedding
+      (T5X, T5 1.0). transformers' MT5 never rescales, also when tied; its T5
+      follows `config.scale_decoder_outputs` (`hf_checkpoint.logits_form`).
     float32_attention_logits: compute q.k and softmax in float32.
     relative_attention_num_buckets: relative position buckets per stack.
     relative_attention_max_distance: distance of the last (log) bucket.
@@ -70,6 +71,7 @@ class T5Config:
   mlp_activations: tuple[str, ...] = ("gelu", "linear")
   dropout_rate: float = 0.1
   logits_via_embedding: bool = False
+  scale_decoder_outputs: Optional[bool] = None
   float32_attention_logits: bool = False
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
@@ -150,6 +152,24 @@ class T5Config:
     ):
       raise ValueError("T5Config: feature_space must be a FeatureSpace.")
 
+  def to_dict(self) -> dict[str, Any]:
+    """The config as a JSON-able dict, without the feature space (which
+    checkpoints save on its own)."""
+    return {
+        field.name: (list(value) if isinstance(value, tuple) else value)
+        for field in dataclasses.fields(self)
+        if field.name != "feature_space"
+        for value in [getattr(self, field.name)]
+    }
+
+  @property
+  def rescales_logits(self) -> bool:
+    """Whether the decoder output is scaled by emb_dim**-0.5 before the
+    output projection (`scale_decoder_outputs`, default: when tied)."""
+    if self.scale_decoder_outputs is None:
+      return self.logits_via_embedding
+    return self.scale_decoder_outputs
+
   def adapted(self, stack: str) -> tuple[str, ...]:
     """Names of the dense layers with adapters in `stack`."""
     if self.feature_space is None or stack not in self.adapter_stacks:
@@ -194,7 +214,7 @@ PRESETS: dict[str, T5Config] = {
     # t5x/examples/t5/byt5/*.gin.
     "byt5_small": _byt5(1472, 6, 3584, 12, 4),
     "byt5_base": _byt5(1536, 12, 3968, 18, 6),
-    # The real checkpoint in shared/testdata (prompt-tuning's test model).
+    # prompt-tuning's test checkpoint (docs/mt5_reference.md §3).
     "t5_1_1_tiny": T5Config(
         vocab_size=32128,
         emb_dim=4,

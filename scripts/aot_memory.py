@@ -138,7 +138,7 @@ def compile_step(args, layers):
   mesh = partitioning.make_mesh(args.model)
   rules = partitioning.standard_logical_axis_rules()
   # The same state shardings and jitted step as trainer.build_run.
-  abstract_state, state_sharding = trainer.state_shardings(
+  abstract_state, state_sharding = train_step.state_shardings(
       model, optimizer, patterns, mesh, rules
   )
   with mesh, nn.logical_axis_rules(rules):
@@ -162,7 +162,7 @@ def compile_step(args, layers):
     replicated = partitioning.replicated(mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
 
-    step_fn = trainer.jit_train_step(
+    step_fn = train_step.jit_train_step(
         model, optimizer, state_sharding, mesh, args.num_microbatches
     )
     start = time.perf_counter()
@@ -221,7 +221,7 @@ def main(argv=None):
       f"{args.preset} ({args.dtype} activations, float32 params), mode "
       f"{args.mode}; batch {args.batch} x (inputs {args.inputs}, targets "
       f"{args.targets}); {args.optimizer}; strategy {args.strategy}; "
-      "state shardings of trainer.state_shardings",
+      "state shardings of train_step.state_shardings",
       flush=True,
   )
   if args.mode == "flix":

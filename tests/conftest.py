@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -22,7 +24,7 @@ def t5x_tree(
     num_dec: int,
     untied: bool = True,
 ) -> dict:
-  """{path: (shape, logical axes)} of T5X_NOTES.md §1.3, written out.
+  """{path: (shape, logical axes)} of docs/mt5_reference.md §2, written out.
 
   d = emb_dim, hk = heads * head_dim, f = mlp_dim; gated-GELU MLP.
   """
@@ -68,3 +70,20 @@ def t5x_tree(
 def t5x_shapes(*args, **kwargs) -> dict:
   """{path: shape} of `t5x_tree`."""
   return {path: shape for path, (shape, _) in t5x_tree(*args, **kwargs).items()}
+
+
+def run_module(module: str, *args: str, env=None) -> str:
+  """Runs `python -m module args` from the repository root; asserts it
+  succeeded and returns its output (stderr + stdout)."""
+  result = subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=REPO,
+      env=dict(
+          os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", **env or {}
+      ),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stderr + result.stdout
