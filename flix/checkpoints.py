@@ -14,6 +14,12 @@ Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a crash mid-save leaves the previous checkpoint as the latest.
 The frozen base is not saved again: it is rebuilt from the base reference.
 
+A run trained by T5X's driver (`python -m t5x.train`, see `flix.t5x_driver`)
+has T5X's checkpoints `MODEL_DIR/checkpoint_<step>/` (all params) and the
+same meta, minus the data position, in `MODEL_DIR/flix_run.json`; every
+reader here takes either layout, so flix.eval, flix.infer and flix.export
+read T5X-trained runs.
+
 `load_base_params` reads base weights from any of: a legacy T5X checkpoint
 (public mT5), a Hugging Face mT5 directory, or a flix Orbax checkpoint (whose
 own base is loaded recursively and its trained params merged in).
@@ -37,6 +43,128 @@ from flix import features as features_lib
 from flix import layers
 
 PyTree = Any
+
+
+RUN_INFO_FILE = "flix_run.json"
+_T5X_STEP_DIR = re.compile(r"^checkpoint_(\d+)$")
+
+
+def run_meta(
+    model,
+    trainable_patterns,
+    initial_checkpoint_path: Optional[str],
+    random_seed: Optional[int],
+    mixture_or_task_name: Optional[str] = None,
+) -> dict[str, Any]:
+  """A run's meta: feature vocabulary, network config, base reference,
+  trainable patterns (and the training mixture, if given)."""
+  from flix import train_step  # pylint: disable=g-import-not-at-top
+
+  space = model.feature_space
+  meta = {
+      "feature_space": space.to_dict() if space is not None else None,
+      "model_config": model.config.to_dict(),
+      "base": {
+          "initial_checkpoint": initial_checkpoint_path,
+          "init_seed": random_seed,
+      },
+      "trainable_patterns": list(
+          train_step.trainable_regexes(trainable_patterns)
+      ),
+  }
+  if mixture_or_task_name is not None:
+    meta["data"] = {
+        "mixture_or_task_name": mixture_or_task_name,
+        "seed": random_seed,
+    }
+  return meta
+
+
+def check_feature_space(
+    saved: Optional[Mapping[str, Any]],
+    space: Optional[features_lib.FeatureSpace],
+    where: str,
+) -> None:
+  """Raises if a run's saved feature vocabulary is not `space`'s."""
+  current = space.to_dict() if space is not None else None
+  if saved != current:
+    raise ValueError(
+        f"The feature vocabulary saved in {where} differs from this run's; "
+        "adapters would map to the wrong features. Resume with the same "
+        f"mixture and FLix config. Saved: {json.dumps(saved)[:300]}; now: "
+        f"{json.dumps(current)[:300]}"
+    )
+
+
+def write_run_info(model_dir: str, meta: Mapping[str, Any]) -> str:
+  """Writes a T5X-trained run's meta to MODEL_DIR/flix_run.json.
+
+  A run restarted with another feature vocabulary is an error.
+  """
+  path = os.path.join(model_dir, RUN_INFO_FILE)
+  if tf_gfile().exists(path):
+    with tf_gfile().GFile(path) as f:
+      saved = json.load(f)
+    check_feature_space(
+        saved.get("feature_space"),
+        features_lib.FeatureSpace.from_dict(meta["feature_space"])
+        if meta.get("feature_space")
+        else None,
+        path,
+    )
+  tf_gfile().makedirs(model_dir)
+  with tf_gfile().GFile(path, "w") as f:
+    f.write(json.dumps(dict(meta), indent=1, ensure_ascii=False))
+  return path
+
+
+def tf_gfile():
+  """`tf.io.gfile` (local and gs:// paths), imported when first needed."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return tf.io.gfile
+
+
+def _t5x_steps(directory: str) -> dict[int, str]:
+  """`{step: dir}` of the `checkpoint_<step>` directories in `directory`."""
+  if not os.path.isdir(directory):
+    return {}
+  steps = {}
+  for name in os.listdir(directory):
+    match = _T5X_STEP_DIR.match(name)
+    if match and os.path.isdir(os.path.join(directory, name)):
+      steps[int(match.group(1))] = os.path.join(directory, name)
+  return steps
+
+
+def t5x_step_dir(path: str) -> str:
+  """A T5X run's step directory: `path` itself if it is one, else the latest
+  `checkpoint_<step>` in the MODEL_DIR `path`."""
+  path = os.path.abspath(path)
+  if _T5X_STEP_DIR.match(os.path.basename(path)):
+    return path
+  steps = _t5x_steps(path)
+  if not steps:
+    raise FileNotFoundError(
+        f"No T5X checkpoint at {path}: expected a checkpoint_<step> "
+        "directory or a MODEL_DIR holding some."
+    )
+  return steps[max(steps)]
+
+
+def _t5x_run_dir(path: str) -> Optional[str]:
+  """The MODEL_DIR of a T5X-trained run at `path` (MODEL_DIR or step dir)."""
+  path = os.path.abspath(path)
+  for candidate in (path, os.path.dirname(path)):
+    if os.path.isfile(os.path.join(candidate, RUN_INFO_FILE)):
+      return candidate
+  return None
+
+
+def saved_feature_space(path: str) -> Optional[features_lib.FeatureSpace]:
+  """The feature vocabulary a run (either driver's) was trained with."""
+  space = read_meta(path).get("feature_space")
+  return features_lib.FeatureSpace.from_dict(space) if space else None
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -116,7 +244,15 @@ def resolve_step_dir(path: str) -> str:
 
 def read_meta(path: str) -> dict[str, Any]:
   """The meta dict (feature vocabulary, config, base, data position) of a
-  flix checkpoint: a MODEL_DIR, its checkpoints/ dir or a step dir."""
+  run: a MODEL_DIR, its checkpoints/ dir or a step dir, of either driver."""
+  run_dir = _t5x_run_dir(path)
+  if run_dir is not None:
+    with open(os.path.join(run_dir, RUN_INFO_FILE), encoding="utf-8") as f:
+      meta = json.load(f)
+    meta["step"] = int(
+        _T5X_STEP_DIR.match(os.path.basename(t5x_step_dir(path))).group(1)
+    )
+    return meta
   # Orbax's JsonSave writes the item as <step>/meta/metadata.
   with open(
       os.path.join(resolve_step_dir(path), "meta", "metadata"), encoding="utf-8"
@@ -125,7 +261,13 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def read_flix_checkpoint(path: str):
-  """Reads (trained params as numpy, meta dict) of a flix checkpoint."""
+  """Reads (trained params as numpy, meta dict) of a run of either driver
+  (T5X's checkpoints hold every param, flix's the trained ones)."""
+  if _t5x_run_dir(path) is not None:
+    from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
+
+    params = t5x_checkpoint.read_t5x_checkpoint(t5x_step_dir(path))
+    return params, read_meta(path)
   step_dir = resolve_step_dir(path)
   checkpointer = ocp.StandardCheckpointer()
   params = checkpointer.restore(os.path.join(step_dir, "params"))
@@ -133,10 +275,15 @@ def read_flix_checkpoint(path: str):
   return jax.tree.map(np.asarray, params), read_meta(step_dir)
 
 
-def _is_t5x_legacy(path: str) -> bool:
-  ckpt = path if os.path.isfile(path) else os.path.join(path, "checkpoint")
-  return os.path.isfile(ckpt) and not os.path.isdir(
-      os.path.join(path, "params")
+def _is_t5x_step(path: str) -> bool:
+  """A legacy T5X checkpoint (msgpack `checkpoint` file) or a T5X Orbax one
+  (`state/`), not a flix step directory."""
+  if os.path.isfile(path):
+    return True
+  if os.path.isdir(os.path.join(path, "params")):
+    return False
+  return os.path.isfile(os.path.join(path, "checkpoint")) or os.path.isdir(
+      os.path.join(path, "state")
   )
 
 
@@ -162,7 +309,7 @@ def load_any_params(path: str) -> PyTree:
     from flix import hf_checkpoint  # pylint: disable=g-import-not-at-top
 
     return hf_checkpoint.hf_to_t5x(hf_checkpoint.read_hf_checkpoint(path))
-  if _is_t5x_legacy(path):
+  if _is_t5x_step(path):
     from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
 
     return t5x_checkpoint.read_t5x_checkpoint(path)
@@ -271,19 +418,30 @@ def load_for_inference(model, path: str):
   model = dataclasses.replace(model, config=config)
   base = meta.get("base", {})
   rng = jax.random.PRNGKey(int(base.get("init_seed") or 0))
-  if base.get("initial_checkpoint"):
+  shapes = traverse_util.flatten_dict(
+      jax.eval_shape(model.init_params, rng), sep="/"
+  )
+  trained_flat = traverse_util.flatten_dict(trained, sep="/")
+  if set(shapes) <= set(trained_flat):
+    # T5X's checkpoints and full fine-tuning hold every param.
+    flat = dict(shapes)
+  elif base.get("initial_checkpoint"):
     # Every base value comes from the checkpoint and every adapter from the
     # run: shapes suffice, nothing needs initialising.
-    params = restore_base_params(
-        jax.eval_shape(model.init_params, rng),
-        base["initial_checkpoint"],
-        fresh_patterns=(layers.ADAPTER_PATH_PATTERN,),
-        config=model.config,
+    flat = traverse_util.flatten_dict(
+        restore_base_params(
+            traverse_util.unflatten_dict(shapes, sep="/"),
+            base["initial_checkpoint"],
+            fresh_patterns=(layers.ADAPTER_PATH_PATTERN,),
+            config=model.config,
+        ),
+        sep="/",
     )
   else:
-    params = jax.tree.map(np.asarray, model.init_params(rng))
-  flat = traverse_util.flatten_dict(params, sep="/")
-  for name, value in traverse_util.flatten_dict(trained, sep="/").items():
+    flat = traverse_util.flatten_dict(
+        jax.tree.map(np.asarray, model.init_params(rng)), sep="/"
+    )
+  for name, value in trained_flat.items():
     if name not in flat or flat[name].shape != value.shape:
       raise ValueError(
           f"Checkpoint {path} holds {name} {value.shape}, which "

@@ -187,23 +187,38 @@ def evaluate_tasks(
           }
       )
     for key, (targets, preds) in by_features.items():
-      features = dict(key)
-      seen_flag = (
-          featurized.is_seen(features, seen) if seen is not None else None
-      )
+      values = {}
       for metric_fn in task.predict_metric_fns:
-        for metric, value in metric_fn(targets, preds).items():
-          rows.append(
-              {
-                  "features": features,
-                  "metric": metric,
-                  "value": float(value),
-                  "examples": len(targets),
-                  "seen_in_training": seen_flag,
-                  "task_name": task_name,
-              }
-          )
+        values.update(metric_fn(targets, preds))
+      rows.extend(result_rows(task_name, dict(key), values, len(targets), seen))
   return rows, records
+
+
+def result_rows(
+    task_name: str,
+    features: Mapping[str, str],
+    metrics: Mapping[str, float],
+    examples: int,
+    seen: Optional[set[tuple[str, ...]]] = None,
+) -> list[dict[str, Any]]:
+  """Result rows of one feature set of a task: one per metric.
+
+  `seen_in_training` is None without `seen` (the training mixture's
+  `featurized.seen_pairs`), else whether the set's (task, language) pair was
+  seen (False: zero-shot).
+  """
+  seen_flag = featurized.is_seen(features, seen) if seen is not None else None
+  return [
+      {
+          "features": dict(features),
+          "metric": metric,
+          "value": float(value),
+          "examples": examples,
+          "seen_in_training": seen_flag,
+          "task_name": task_name,
+      }
+      for metric, value in metrics.items()
+  ]
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:

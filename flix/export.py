@@ -58,8 +58,9 @@ def load_model(
         "Give the training run's model gin with --gin_file "
         "(e.g. configs/demo_eval.gin) so the sizes are known."
     )
+  # The model definition first, so a size file alone (tiny.gin) is enough.
   gin_utils.parse_gin(
-      gin_files,
+      [gin_utils.MODEL_GIN] + list(gin_files),
       list(gin_bindings) + ["FEATURE_SPACE = None"],
       search_paths,
       finalize=False,

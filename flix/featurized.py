@@ -315,18 +315,25 @@ def _union_values(task_names: Iterable[str]) -> dict[str, tuple[str, ...]]:
 
 
 def _per_group(
-    setting: _NumberOrMapping, groups: Sequence[str]
+    setting: _NumberOrMapping,
+    groups: Sequence[str],
+    known: Sequence[str],
 ) -> dict[str, float]:
+  """A per-group setting (one value, or `{group: value}`) for `groups`.
+
+  Entries for `known` groups left out of `groups` (e.g. `language` under a
+  task-only ablation) are ignored; a group the data does not have is an error.
+  """
   if setting is None:
     return {}
   if isinstance(setting, Mapping):
-    unknown = set(setting) - set(groups)
+    unknown = set(setting) - set(known)
     if unknown:
       raise ValueError(
           f"Settings for unknown feature groups {sorted(unknown)}; groups "
-          f"are {list(groups)}."
+          f"are {list(known)}."
       )
-    return dict(setting)
+    return {g: v for g, v in setting.items() if g in groups}
   return {g: setting for g in groups}
 
 
@@ -371,9 +378,9 @@ def feature_space(
     raise ValueError(f"{mixture_or_task_name!r} has no feature groups.")
   return features_lib.FeatureSpace.from_values(
       {g: values[g] for g in groups},
-      ranks=_per_group(ranks, groups),
-      alphas=_per_group(alphas, groups),
-      dropout=_per_group(dropout, groups),
+      ranks=_per_group(ranks, groups, values),
+      alphas=_per_group(alphas, groups, values),
+      dropout=_per_group(dropout, groups, values),
       value_ranks=value_ranks,
       rslora=rslora,
   )

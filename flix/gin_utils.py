@@ -3,6 +3,13 @@
 `--gin.NAME=VALUE` arguments are rewritten to `--gin_bindings=NAME = VALUE`
 before absl parses the flags, as T5X does; values are gin literals, so strings
 need quotes (`--gin.MODEL_DIR=\\"/tmp/run\\"`).
+
+One set of gin files serves two drivers: flix's (`python -m flix.train`) and
+T5X's (`python -m t5x.train`). Model, peft, ablation and data gins bind flix
+configurables only; the run files (`configs/runs/*.gin`) bind both drivers'
+entry points. flix parses with `skip_unknown=T5X_ONLY_SELECTORS`: bindings
+of exactly these T5X selectors (and imports that fail without t5x) are
+skipped, every other unknown selector or parameter is still an error.
 """
 
 from __future__ import annotations
@@ -17,16 +24,43 @@ from absl import flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+# The flix model's definition (size files bind only the preset name).
+MODEL_GIN = os.path.join(CONFIG_DIR, "models", "base.gin")
+
+# The selectors the run files bind for T5X's driver only (the thin driver
+# layer; tests/gin_configs_test.py pins that every shipped config parses
+# without t5x and that each entry is used). flix's driver skips them.
+T5X_ONLY_SELECTORS = (
+    # T5X's entry points (`import __main__ as train_script`, ...).
+    "train_script.train",
+    "eval_script.evaluate",
+    "infer_script.infer",
+    # T5X configurables.
+    "partitioning.PjitPartitioner",
+    "partitioning.standard_logical_axis_rules",
+    "trainer.Trainer",
+    "utils.CheckpointConfig",
+    "utils.DatasetConfig",
+    "utils.RestoreCheckpointConfig",
+    "utils.SaveCheckpointConfig",
+    # flix's T5X plug-in (imports t5x).
+    "t5x_model.FlixEncoderDecoderModel",
+    "t5x_driver.FeaturizedResultsLogger",
+    "t5x_driver.checkpoint_to_restore",
+    "t5x_driver.fresh_params_assignment_map",
+    "t5x_driver.summarize_run",
+    "t5x_driver.task_vocabulary",
+)
 
 
 class _DropMessages(logging.Filter):
 
-  def __init__(self, prefix: str):
+  def __init__(self, prefixes: tuple[str, ...]):
     super().__init__()
-    self.prefix = prefix
+    self.prefixes = prefixes
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(self.prefix)
+    return not str(record.msg).startswith(self.prefixes)
 
 
 def define_flags() -> None:
@@ -73,25 +107,29 @@ def parse_gin(
   With `finalize`, unbound REQUIRED macros are an error now (entry points);
   without, only what is actually called must be bound (flix.export).
   """
-  # Includes are written relative to configs/ ('models/tiny.gin'); search it
-  # first so gin logs no misses. Files that exist as given are used as is.
-  for path in [CONFIG_DIR] + list(search_paths) + [REPO_ROOT]:
-    gin.add_config_file_search_path(path)
+  # Includes are written relative to the repository root
+  # ('configs/models/tiny.gin'), as T5X's driver finds them from there; the
+  # root is searched too, so flix's driver works from any directory.
+  for path in list(search_paths) + [REPO_ROOT]:
+    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(path)
   gin_files = [
       os.path.abspath(f) if os.path.exists(f) else f for f in gin_files
   ]
-  # gin logs an error for every search-path miss of an include; they are
-  # expected, so hide them (a real miss still raises below).
-  quiet = _DropMessages("Path not found:")
+  # gin logs a search-path miss of an include, and every import it skips
+  # (T5X's modules without t5x); both are expected, so hide them. A file
+  # that is not found, or a binding of a module whose import failed, still
+  # raises below.
+  quiet = _DropMessages(("Path not found:", "Skipping import of unknown"))
   logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(
         list(gin_files),
         list(gin_bindings),
         finalize_config=False,
-        skip_unknown=False,
+        skip_unknown=list(T5X_ONLY_SELECTORS),
     )
-  except (ValueError, KeyError, IOError, SyntaxError) as e:
+  except (ValueError, KeyError, IOError, SyntaxError, NameError) as e:
     raise ValueError(
         f"Gin configuration error: {e}\n  gin files: {list(gin_files)}\n  "
         f"bindings: {list(gin_bindings)}\nA macro set to %gin.REQUIRED must "
@@ -100,7 +138,22 @@ def parse_gin(
   finally:
     logging.getLogger().removeFilter(quiet)
   if finalize:
+    _finalize_skipping_t5x_references()
+
+
+def _finalize_skipping_t5x_references() -> None:
+  """`gin.finalize()` (REQUIRED macros, macro references) without gin's
+  unknown-reference check: the only unknown references left after parsing
+  are the skipped T5X_ONLY_SELECTORS (any other is an error while parsing)."""
+  hooks = gin.config._FINALIZE_HOOKS  # pylint: disable=protected-access
+  saved = list(hooks)
+  hooks[:] = [
+      h for h in saved if h is not gin.config.find_unknown_references_hook
+  ]
+  try:
     gin.finalize()
+  finally:
+    hooks[:] = saved
 
 
 def setup(argv: Sequence[str]) -> None:

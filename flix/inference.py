@@ -4,7 +4,7 @@ Input is a featurized JSONL file (`{"inputs": ..., "features": {...}}` per
 line) or a SeqIO task split; the output is JSONL with each input, its
 features and the prediction. Any feature combination may be given: an
 unseen (task, language) pair composes its adapters; an unknown value warns
-and only the known features apply. `python -m flix.infer` runs `infer`.
+and only the known features apply. `python -m flix.infer` runs `write_predictions`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def read_featurized_inputs(path: str) -> list[dict[str, Any]]:
   return records
 
 
-def infer(
+def write_predictions(
     *,
     model: models.FlixModel,
     checkpoint_path: str,
@@ -98,7 +98,9 @@ def infer(
     ]
     name = f"{mixture_or_task_name}-{split}"
   else:
-    raise ValueError("Give infer.input_file or infer.mixture_or_task_name.")
+    raise ValueError(
+        "Give INPUT_FILE or MIXTURE_OR_TASK_NAME (inference.write_predictions)."
+    )
   predictions = evaluation.predict_examples(
       model,
       params,

@@ -21,26 +21,35 @@ PyTree = Any
 LogicalRules = Sequence[tuple[str, Optional[str]]]
 
 
+def adapter_axis_rules() -> tuple[tuple[str, Optional[str]], ...]:
+  """The FLix adapter axes: inventory and rank dimensions are replicated
+  (the d_in / d_out dimensions use the base kernel's axes). T5X's
+  partitioner takes them as `additional_rules`."""
+  return ((layers.VALUES_AXIS, None), (layers.RANK_AXIS, None))
+
+
 def standard_logical_axis_rules(
     additional_rules: LogicalRules = (),
 ) -> tuple[tuple[str, Optional[str]], ...]:
   """T5X's 1-D activation / 1-D parameter partitioning rules plus FLix axes."""
-  return tuple(additional_rules) + (
-      ("batch", "data"),
-      ("vocab", "model"),
-      ("embed", None),
-      ("mlp", "model"),
-      ("heads", "model"),
-      ("kv", None),
-      ("joined_kv", "model"),
-      ("relpos_buckets", None),
-      ("abspos_buckets", None),
-      ("length", None),
-      ("layers", None),
-      ("stack", None),
-      ("mlp_activations", None),
-      (layers.VALUES_AXIS, None),
-      (layers.RANK_AXIS, None),
+  return (
+      tuple(additional_rules)
+      + (
+          ("batch", "data"),
+          ("vocab", "model"),
+          ("embed", None),
+          ("mlp", "model"),
+          ("heads", "model"),
+          ("kv", None),
+          ("joined_kv", "model"),
+          ("relpos_buckets", None),
+          ("abspos_buckets", None),
+          ("length", None),
+          ("layers", None),
+          ("stack", None),
+          ("mlp_activations", None),
+      )
+      + adapter_axis_rules()
   )
 
 

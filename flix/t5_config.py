@@ -227,6 +227,17 @@ PRESETS: dict[str, T5Config] = {
         relative_attention_num_buckets=4,
         relative_attention_max_distance=8,
     ),
+    # The CPU demo and the reproduction (~1.5M params), byte-sized vocabulary.
+    "demo_small": T5Config(
+        vocab_size=384,
+        emb_dim=128,
+        num_heads=4,
+        head_dim=32,
+        mlp_dim=384,
+        num_encoder_layers=3,
+        num_decoder_layers=3,
+        dropout_rate=0.0,
+    ),
     # For tests: byte-sized vocabulary.
     "tiny": T5Config(
         vocab_size=384,

@@ -276,6 +276,34 @@ def make_train_step(
 # ---- Sharded, jitted step ----
 
 
+def optimizer_state_like_params(
+    optimizer: optax.GradientTransformation,
+    opt_state: PyTree,
+    params: PyTree,
+    param_values: PyTree,
+    fallback: Any,
+    is_leaf: Optional[Callable[[Any], bool]] = None,
+) -> PyTree:
+  """A tree like `opt_state`: each leaf shaped like its param gets that
+  param's entry of `param_values` (a sharding, logical axes), every other
+  leaf (factored Adafactor rows/columns, counts) gets `fallback`.
+
+  The one rule for placing optimizer state, used by flix's step and by the
+  T5X plug-in's optimizer (`flix.t5x_model`).
+  """
+  return optax.tree_map_params(
+      optimizer,
+      lambda leaf, value, param: (
+          value if leaf.shape == param.shape else fallback
+      ),
+      opt_state,
+      param_values,
+      params,
+      transform_non_params=lambda _: fallback,
+      is_leaf=is_leaf,
+  )
+
+
 def state_shardings(
     model: models.FlixModel,
     optimizer: optax.GradientTransformation,
@@ -303,15 +331,8 @@ def state_shardings(
       abstract_params,
   )
   trainable, frozen = split_params(param_sharding, trainable_patterns)
-  opt_state = optax.tree_map_params(
-      optimizer,
-      lambda leaf, sharding, param: (
-          sharding if leaf.shape == param.shape else replicated
-      ),
-      abstract.opt_state,
-      trainable,
-      abstract.trainable,
-      transform_non_params=lambda _: replicated,
+  opt_state = optimizer_state_like_params(
+      optimizer, abstract.opt_state, abstract.trainable, trainable, replicated
   )
   return abstract, TrainState(
       step=replicated, trainable=trainable, frozen=frozen, opt_state=opt_state

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -20,7 +19,6 @@ import numpy as np
 import optax
 
 from flix import checkpoints
-from flix import features as features_lib
 from flix import models
 from flix import partitioning
 from flix import train_step as train_step_lib
@@ -87,18 +85,9 @@ def build_run(
     step_fn = train_step_lib.jit_train_step(
         model, optimizer, state_sharding, mesh, num_microbatches
     )
-  space = model.feature_space
-  meta = {
-      "feature_space": space.to_dict() if space is not None else None,
-      "model_config": model.config.to_dict(),
-      "base": {
-          "initial_checkpoint": initial_checkpoint_path,
-          "init_seed": random_seed,
-      },
-      "trainable_patterns": list(
-          train_step_lib.trainable_regexes(trainable_patterns)
-      ),
-  }
+  meta = checkpoints.run_meta(
+      model, trainable_patterns, initial_checkpoint_path, random_seed
+  )
   return Run(model, mesh, rules, state, step_fn, meta)
 
 
@@ -108,21 +97,6 @@ def to_device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, Any]:
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
       for k, v in batch.items()
   }
-
-
-def _check_feature_space(
-    saved: Optional[Mapping[str, Any]],
-    space: Optional[features_lib.FeatureSpace],
-    where: str,
-) -> None:
-  current = space.to_dict() if space is not None else None
-  if saved != current:
-    raise ValueError(
-        f"The feature vocabulary saved in {where} differs from this run's; "
-        "adapters would map to the wrong features. Resume with the same "
-        f"mixture and FLix config. Saved: {json.dumps(saved)[:300]}; now: "
-        f"{json.dumps(current)[:300]}"
-    )
 
 
 class ProgressLogger:
@@ -232,7 +206,7 @@ def train(
     trainable, opt_state, meta = checkpointer.restore(
         latest, run.state.trainable, run.state.opt_state
     )
-    _check_feature_space(
+    checkpoints.check_feature_space(
         meta.get("feature_space"), model.feature_space, checkpointer.directory
     )
     run.state = run.state.replace(

@@ -108,7 +108,7 @@ def _config_text(files: Sequence[str]) -> str:
   seen, out = set(), []
 
   def visit(path):
-    for base in (os.path.join(REPO, "configs"), REPO, CONFIG_DIR):
+    for base in (REPO, CONFIG_DIR):
       full = os.path.join(base, path)
       if os.path.exists(full):
         break
@@ -226,7 +226,7 @@ def base_config(
     bindings: Sequence[str],
 ) -> tuple[list[str], list[str], str]:
   """The base run's gin files, bindings and (cached) model directory."""
-  files = ["reproduce/base.gin", *files]
+  files = ["configs/reproduce/base.gin", *files]
   bindings = [
       *bindings,
       f"MIXTURE_OR_TASK_NAME = '{data.pretrain_task}'",
@@ -298,7 +298,7 @@ def adapt_and_evaluate(
   from flix import train_step  # pylint: disable=g-import-not-at-top
   from flix import featurized  # pylint: disable=g-import-not-at-top
 
-  files = [f"reproduce/{method.gin_file}", *files]
+  files = [f"configs/reproduce/{method.gin_file}", *files]
   bindings = [
       *bindings,
       f"MIXTURE_OR_TASK_NAME = '{mixture}'",
@@ -519,7 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   registration = data.registration
   base_lengths, lengths = reproduce_data.feature_lengths(data, args.max_length)
   preset_gin = PRESETS[args.preset]["gin"]
-  files = [f"reproduce/{preset_gin}"] if preset_gin else []
+  files = [f"configs/reproduce/{preset_gin}"] if preset_gin else []
   vocab = f"network.preset.vocab_size = {data.vocabulary.vocab_size}"
   base = base_stage(
       args, data, files, [vocab, f"TASK_FEATURE_LENGTHS = {base_lengths}"]

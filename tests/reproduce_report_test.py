@@ -147,7 +147,7 @@ def test_outputs_are_written(runs, tmp_path):
           "num_params": 100,
           "train_steps": 2,
           "cached": False,
-          "gin_files": ["reproduce/base.gin"],
+          "gin_files": ["configs/reproduce/base.gin"],
           "train_seconds": 3.0,
       },
       "methods": methods,
