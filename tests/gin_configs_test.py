@@ -66,14 +66,17 @@ CASES = [
             p.stem in ("base", "flix"),
         )
         for p in sorted((CONFIG_DIR / "reproduce").glob("*.gin"))
-        if p.stem not in ("common", "model", "smoke")
+        if p.stem not in ("common", "model", "smoke", "gpu")
     ],
-    (
-        "reproduce_smoke",
-        ["configs/reproduce/flix.gin", "configs/reproduce/smoke.gin"],
-        "train",
-        False,
-    ),
+    *[  # The presets, appended to every stage by scripts/reproduce.py.
+        (
+            f"reproduce_{preset}",
+            ["configs/reproduce/flix.gin", f"configs/reproduce/{preset}.gin"],
+            "train",
+            False,
+        )
+        for preset in ("smoke", "gpu")
+    ],
     ("demo_eval", ["configs/demo_eval.gin"], "eval", False),
     ("flix_mt5_xl_eval", ["configs/flix_mt5_xl_eval.gin"], "eval", True),
     ("demo_infer", ["configs/demo_infer.gin"], "infer", False),
@@ -150,7 +153,7 @@ def _bindings(name: str, files, kind: str, data) -> list[str]:
     # Two of the fixture's task folders: seqio builds one pipeline per task.
     bindings.append("xtreme_up.mixture.tasks = ['ner', 'asr']")
   if name == "demo_infer":  # Its INPUT_FILE is flix's only; T5X's needs a task.
-    bindings.append("MIXTURE_OR_TASK_NAME = 'numbers_ordinal_fr'")
+    bindings.append("MIXTURE_OR_TASK_NAME = 'numbers_ordinal_fr_demo'")
   if kind == "train":
     return bindings + [f"MODEL_DIR = '{data['out']}'", "TRAIN_STEPS = 2"]
   return bindings + [

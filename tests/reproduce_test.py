@@ -6,8 +6,7 @@ the single-task runs of Figure 2, evaluation, the paired comparisons and
 every output file, on the tiniest config (configs/reproduce/smoke.gin). The
 fixture's feature groups are not called task and language, and one of its
 combinations is only in the evaluation splits: the study must find it.
-Compiled programs are cached across test runs under
-~/.cache/flix_reproduce/jax_cache_smoke (the first run compiles everything).
+Everything, compiled programs included, is written under the test's tmp_path.
 """
 
 import json
@@ -77,7 +76,6 @@ def _run(command, timeout):
 def test_jsonl_study_writes_every_output(tmp_path):
   files = _write_fixture(tmp_path)
   out, cache = tmp_path / "out", tmp_path / "cache"
-  jax_cache = pathlib.Path.home() / ".cache" / "flix_reproduce"
   command = [
       sys.executable,
       str(REPO / "scripts" / "reproduce.py"),
@@ -90,7 +88,7 @@ def test_jsonl_study_writes_every_output(tmp_path):
       "--seeds=0",
       f"--output_dir={out}",
       f"--cache_dir={cache}",
-      f"--jax_cache_dir={jax_cache / 'jax_cache_smoke'}",
+      f"--jax_cache_dir={tmp_path / 'jax_cache'}",
   ]
   _run(command, 1800)
 
