@@ -10,8 +10,10 @@ A run's checkpoint `MODEL_DIR/checkpoints/<step>/` holds three items:
              data position (batches consumed), step
 
 Orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a crash mid-save leaves the previous checkpoint as the latest.
-The frozen base is not saved again: it is rebuilt from the base reference.
+complete, so a crash mid-save leaves the previous checkpoint as the latest;
+`flix.checkpoint_integrity` checksums every step just before that commit,
+and a restart or a reader takes the newest step that is intact. The frozen
+base is not saved again: it is rebuilt from the base reference.
 
 `load_base_params` reads base weights from any of: a legacy T5X checkpoint
 (public mT5), a Hugging Face mT5 directory, or a flix Orbax checkpoint (whose
@@ -32,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from flix import checkpoint_integrity
 from flix import features as features_lib
 from flix import layers
 
@@ -43,15 +46,36 @@ def checkpoint_dir(model_dir: str) -> str:
 
 
 class Checkpointer:
-  """Periodic, atomic Orbax checkpoints of (params, opt_state, meta)."""
+  """Periodic, atomic, checksummed Orbax checkpoints of (params, opt_state,
+  meta)."""
 
   def __init__(self, model_dir: str, keep: Optional[int] = 3):
     self.directory = checkpoint_dir(model_dir)
+    self._saving: Optional[int] = None
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            # Removes the temporary directories of saves a kill interrupted.
+            cleanup_tmp_directories=True,
+            async_options=ocp.AsyncOptions(
+                post_finalization_callback=self._record_checksums
+            ),
+        ),
         item_names=("params", "opt_state", "meta"),
     )
+
+  def _record_checksums(self) -> None:
+    """Runs in Orbax's save thread after the items are written, before the
+    commit (rename): the manifest is committed with them."""
+    if jax.process_index() != 0 or self._saving is None:
+      return
+    step_dir = checkpoint_integrity.pending_step_dir(
+        self.directory, self._saving
+    )
+    if step_dir is not None:
+      checkpoint_integrity.write_manifest(step_dir, self._saving)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -64,6 +88,8 @@ class Checkpointer:
       meta: Mapping[str, Any],
       force: bool = False,
   ) -> bool:
+    self.manager.wait_until_finished()
+    self._saving = step
     saved = self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -98,15 +124,27 @@ class Checkpointer:
 
 
 def resolve_step_dir(path: str) -> str:
-  """Accepts a MODEL_DIR, its checkpoints/ dir, or one step's dir."""
+  """The intact step directory of a MODEL_DIR, its checkpoints/ dir, or one
+  step's dir (which must be intact); newer damaged steps are skipped with a
+  warning naming the damage."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "params")):
+    problem = checkpoint_integrity.verify(path)
+    if problem:
+      raise ValueError(f"Checkpoint {path} is damaged: {problem}.")
     return path
   for candidate in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(candidate):
-      steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
-      if steps:
-        return os.path.join(candidate, str(max(steps)))
+    step, damaged = checkpoint_integrity.latest_intact_step(candidate)
+    for bad in damaged:
+      logging.warning("Skipping damaged checkpoint %s.", bad)
+    if step is not None:
+      return os.path.join(candidate, str(step))
+    if damaged:
+      raise ValueError(
+          f"No intact checkpoint in {candidate}: "
+          + "; ".join(str(d) for d in damaged)
+          + "."
+      )
   raise FileNotFoundError(
       f"No flix checkpoint at {path}: expected a step directory with "
       "params/ and meta/, or a MODEL_DIR whose checkpoints/ holds some."
@@ -117,9 +155,13 @@ def read_meta(path: str) -> dict[str, Any]:
   """The meta dict (feature vocabulary, config, base, data position) of a
   flix checkpoint: a MODEL_DIR, its checkpoints/ dir or a step dir."""
   # Orbax's JsonSave writes the item as <step>/meta/metadata.
-  with open(
-      os.path.join(resolve_step_dir(path), "meta", "metadata"), encoding="utf-8"
-  ) as f:
+  meta_path = os.path.join(resolve_step_dir(path), "meta", "metadata")
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(
+        f"Checkpoint file {meta_path} is missing: it holds the run's feature "
+        "vocabulary and config, without which the adapters cannot be used."
+    )
+  with open(meta_path, encoding="utf-8") as f:
     return json.load(f)
 
 
@@ -140,9 +182,29 @@ def _is_t5x_legacy(path: str) -> bool:
 
 
 def _is_hf(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and any(
-      f.endswith((".safetensors", ".bin")) for f in os.listdir(path)
+  return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _looks_like_t5x(path: str) -> bool:
+  """A directory of T5X zarr leaves (`target.encoder...`) without its
+  `checkpoint` msgpack file."""
+  return os.path.isdir(path) and any(
+      name.startswith(("target.", "state.")) for name in os.listdir(path)
   )
+
+
+def _is_flix(path: str) -> bool:
+  return any(
+      os.path.isdir(os.path.join(path, *parts))
+      for parts in (("params",), ("checkpoints",))
+  ) or bool(checkpoint_integrity.step_dirs(path))
+
+
+_FORMATS = (
+    "a T5X checkpoint directory (…/checkpoint_1000000, with its `checkpoint` "
+    "file), a Hugging Face mT5 directory (config.json + model.safetensors) "
+    "or a flix MODEL_DIR"
+)
 
 
 def load_any_params(path: str) -> PyTree:
@@ -153,18 +215,31 @@ def load_any_params(path: str) -> PyTree:
     return t5x_checkpoint.read_t5x_checkpoint(path)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"INITIAL_CHECKPOINT_PATH {path} does not exist. Give a T5X "
-        "checkpoint directory (…/checkpoint_1000000), a Hugging Face mT5 "
-        "directory (config.json + model.safetensors) or a flix MODEL_DIR."
+        f"INITIAL_CHECKPOINT_PATH {path} does not exist. Give {_FORMATS}."
     )
   if _is_hf(path):
     from flix import hf_checkpoint  # pylint: disable=g-import-not-at-top
 
+    if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+      raise FileNotFoundError(
+          f"{path} has a Hugging Face config.json but no weights "
+          "(model.safetensors, pytorch_model.bin or their .index.json "
+          "shards)."
+      )
     return hf_checkpoint.hf_to_t5x(hf_checkpoint.read_hf_checkpoint(path))
   if _is_t5x_legacy(path):
     from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
 
     return t5x_checkpoint.read_t5x_checkpoint(path)
+  if _looks_like_t5x(path):
+    raise FileNotFoundError(
+        f"{path} holds T5X parameter folders but no `checkpoint` file (the "
+        "msgpack index T5X writes last); the checkpoint is incomplete."
+    )
+  if not _is_flix(path):
+    raise ValueError(
+        f"{path} is not a checkpoint flix can read: give {_FORMATS}."
+    )
   params, meta = read_flix_checkpoint(path)
   base = meta.get("base", {})
   if base.get("initial_checkpoint"):
