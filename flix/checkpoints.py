@@ -108,14 +108,23 @@ class Checkpointer:
       self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree
   ):
     """Restores (params, opt_state, meta) onto the given abstract targets."""
-    restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
+    try:
+      restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+              params=ocp.args.StandardRestore(abstract_params),
+              opt_state=ocp.args.StandardRestore(abstract_opt_state),
+              meta=ocp.args.JsonRestore(),
+          ),
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax/TensorStore errors are long and many-typed; name the step.
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      raise ValueError(
+          f"Checkpoint step {step} in {self.directory} cannot be restored "
+          f"({type(e).__name__}: {first_line[:300]}); move it out of "
+          f"{self.directory} to resume from an earlier step."
+      ) from e
     return restored["params"], restored["opt_state"], restored["meta"]
 
   def close(self) -> None:
@@ -151,11 +160,10 @@ def resolve_step_dir(path: str) -> str:
   )
 
 
-def read_meta(path: str) -> dict[str, Any]:
-  """The meta dict (feature vocabulary, config, base, data position) of a
-  flix checkpoint: a MODEL_DIR, its checkpoints/ dir or a step dir."""
+def read_step_meta(step_dir: str) -> dict[str, Any]:
+  """The meta dict of one step directory (not verified again)."""
   # Orbax's JsonSave writes the item as <step>/meta/metadata.
-  meta_path = os.path.join(resolve_step_dir(path), "meta", "metadata")
+  meta_path = os.path.join(step_dir, "meta", "metadata")
   if not os.path.isfile(meta_path):
     raise FileNotFoundError(
         f"Checkpoint file {meta_path} is missing: it holds the run's feature "
@@ -163,6 +171,12 @@ def read_meta(path: str) -> dict[str, Any]:
     )
   with open(meta_path, encoding="utf-8") as f:
     return json.load(f)
+
+
+def read_meta(path: str) -> dict[str, Any]:
+  """The meta dict (feature vocabulary, config, base, data position) of a
+  flix checkpoint: a MODEL_DIR, its checkpoints/ dir or a step dir."""
+  return read_step_meta(resolve_step_dir(path))
 
 
 def read_flix_checkpoint(path: str):

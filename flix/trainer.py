@@ -2,6 +2,14 @@
 
 `python -m flix.train` -> `trainer.train(...)` (gin-configured) -> the jitted
 `train_step(state, batch, rng) -> (state, metrics)` of `flix.train_step`.
+
+A run can be killed at any moment and restarted with the same command: it
+takes MODEL_DIR's lock (`flix.run_lock`), resumes from the newest intact
+checkpoint (damaged newer ones are set aside, `flix.checkpoint_integrity`),
+refuses a configuration that trains something else (`flix.run_meta`), and
+continues bit-identically: the step's rng depends on (seed, step) only and
+the data resumes at the saved batch count. A non-finite loss stops the run
+(or, with `nonfinite_loss='skip'`, skips the step) without saving it.
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flix import checkpoint_integrity
 from flix import checkpoints
-from flix import features as features_lib
 from flix import models
 from flix import partitioning
+from flix import run_lock
+from flix import run_meta
 from flix import train_step as train_step_lib
 
 PyTree = Any
@@ -86,8 +96,22 @@ def build_run(
     step_fn = train_step_lib.jit_train_step(
         model, optimizer, state_sharding, mesh, num_microbatches
     )
+  meta = describe_run(
+      model, trainable_patterns, initial_checkpoint_path, random_seed
+  )
+  return Run(model, mesh, rules, state, step_fn, meta)
+
+
+def describe_run(
+    model: models.FlixModel,
+    trainable_patterns: train_step_lib.TrainablePatterns,
+    initial_checkpoint_path: Optional[str],
+    random_seed: int,
+) -> dict[str, Any]:
+  """The meta every checkpoint saves: what the run trains (`flix.run_meta`
+  compares it on restarts)."""
   space = model.feature_space
-  meta = {
+  return {
       "feature_space": space.to_dict() if space is not None else None,
       "model_config": model.config.to_dict(),
       "base": {
@@ -98,7 +122,6 @@ def build_run(
           train_step_lib.trainable_regexes(trainable_patterns)
       ),
   }
-  return Run(model, mesh, rules, state, step_fn, meta)
 
 
 def to_device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, Any]:
@@ -107,21 +130,6 @@ def to_device_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, Any]:
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
       for k, v in batch.items()
   }
-
-
-def _check_feature_space(
-    saved: Optional[Mapping[str, Any]],
-    space: Optional[features_lib.FeatureSpace],
-    where: str,
-) -> None:
-  current = space.to_dict() if space is not None else None
-  if saved != current:
-    raise ValueError(
-        f"The feature vocabulary saved in {where} differs from this run's; "
-        "adapters would map to the wrong features. Resume with the same "
-        f"mixture and FLix config. Saved: {json.dumps(saved)[:300]}; now: "
-        f"{json.dumps(current)[:300]}"
-    )
 
 
 class ProgressLogger:
@@ -159,6 +167,147 @@ class ProgressLogger:
     self.writer.close()
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+# MODEL_DIR file naming the last step whose evaluation finished.
+EVAL_RECORD_FILE = "last_evaluated_step"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A step's loss, gradient or update was NaN or Inf."""
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+  if (
+      isinstance(value, bool)
+      or not isinstance(value, (int, np.integer))
+      or value < minimum
+  ):
+    raise ValueError(
+        f"trainer.train: {name} must be an integer >= {minimum}, got "
+        f"{value!r} ({type(value).__name__})."
+    )
+
+
+def _check_arguments(
+    task_feature_lengths: Any, nonfinite_loss: str, **integers: tuple[Any, int]
+) -> None:
+  """Readable errors for mistyped gin values, before anything is built."""
+  for name, (value, minimum) in integers.items():
+    if value is not None:
+      _check_int(name, value, minimum)
+  if not isinstance(task_feature_lengths, Mapping) or not {
+      "inputs",
+      "targets",
+  } <= set(task_feature_lengths):
+    raise ValueError(
+        "trainer.train: task_feature_lengths must be a dict with 'inputs' "
+        f"and 'targets' lengths, got {task_feature_lengths!r}."
+    )
+  for key, length in task_feature_lengths.items():
+    _check_int(f"task_feature_lengths[{key!r}]", length, 1)
+  if nonfinite_loss not in NONFINITE_POLICIES:
+    raise ValueError(
+        f"trainer.train: nonfinite_loss must be one of {NONFINITE_POLICIES}, "
+        f"got {nonfinite_loss!r}."
+    )
+
+
+def _create_model_dir(model_dir: str) -> None:
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+  except OSError as e:
+    raise OSError(
+        e.errno, f"MODEL_DIR {model_dir} cannot be created ({e.strerror})"
+    ) from None
+  if not os.access(model_dir, os.W_OK | os.X_OK):
+    raise PermissionError(f"MODEL_DIR {model_dir} is not writable.")
+
+
+def _find_resume_step(
+    model_dir: str,
+) -> tuple[Optional[int], list[checkpoint_integrity.Damaged]]:
+  """The newest intact checkpoint step (None: start from scratch) and the
+  damaged steps above it; an error, changing nothing, if all are damaged."""
+  directory = checkpoints.checkpoint_dir(model_dir)
+  started = time.time()
+  step, damaged = checkpoint_integrity.latest_intact_step(directory)
+  if damaged and step is None:
+    raise ValueError(
+        f"No intact checkpoint to resume in {directory}: "
+        + "; ".join(str(d) for d in damaged)
+        + ". Nothing was changed; move the damaged steps away (or give a "
+        "new MODEL_DIR) to start the run again."
+    )
+  if step is not None:
+    logging.info(
+        "Checkpoint step %d verified in %.2f s (%d damaged newer steps).",
+        step,
+        time.time() - started,
+        len(damaged),
+    )
+  return step, damaged
+
+
+def _last_evaluated_step(model_dir: str) -> Optional[int]:
+  try:
+    with open(os.path.join(model_dir, EVAL_RECORD_FILE)) as f:
+      return int(f.read().strip())
+  except (OSError, ValueError):
+    return None
+
+
+def _record_evaluated_step(model_dir: str, step: int) -> None:
+  path = os.path.join(model_dir, EVAL_RECORD_FILE)
+  with open(path + ".tmp", "w") as f:
+    f.write(str(step))
+  os.replace(path + ".tmp", path)
+
+
+class _NonFiniteGuard:
+  """Stops at (or skips) a step whose `metrics['nonfinite']` is set.
+
+  The step already left the state unchanged (`train_step`); checking one
+  step late lets the host queue the next step before it waits.
+  """
+
+  def __init__(self, policy: str, checkpointer: checkpoints.Checkpointer):
+    self.policy, self.checkpointer = policy, checkpointer
+    self.skipped = 0
+
+  def check(self, pending: Optional[tuple[int, Mapping[str, Any]]]) -> None:
+    if pending is None:
+      return
+    step, metrics = pending
+    if not float(metrics["nonfinite"]):
+      return
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if self.policy == "skip":
+      self.skipped += 1
+      logging.warning(
+          "Step %d skipped: non-finite loss %s or gradient norm %s; its "
+          "update was not applied (%d steps skipped so far).",
+          step,
+          loss,
+          grad_norm,
+          self.skipped,
+      )
+      return
+    self.checkpointer.wait()
+    last = self.checkpointer.latest_step()
+    kept = (
+        f"the last checkpoint, step {last} in {self.checkpointer.directory},"
+        " is kept"
+        if last is not None
+        else "no checkpoint was saved yet"
+    )
+    raise NonFiniteLossError(
+        f"Non-finite loss at step {step} (loss {loss}, gradient norm "
+        f"{grad_norm}): training stopped without applying or saving that "
+        f"step; {kept}. Lower the learning rate or check the data; "
+        "trainer.train.nonfinite_loss = 'skip' skips such steps instead."
+    )
+
+
 def train(
     *,
     model: models.FlixModel,
@@ -179,6 +328,8 @@ def train(
     log_period: int = 10,
     eval_period: int = 0,
     evaluate_fn: Optional[Callable[..., Any]] = None,
+    nonfinite_loss: str = "stop",
+    operative_config: Optional[str] = None,
 ) -> Run:
   """Trains `model` on a SeqIO mixture; resumes from MODEL_DIR if possible.
 
@@ -202,11 +353,108 @@ def train(
     eval_period: call `evaluate_fn(run, step)` every this many steps (0: only
       at the end).
     evaluate_fn: evaluation callback, e.g. a configured `evaluation.evaluate`.
+    nonfinite_loss: 'stop' (default) ends the run at a NaN/Inf loss,
+      gradient or update, keeping the last checkpoint; 'skip' skips such
+      steps (not applied, counted in the log).
+    operative_config: text written to MODEL_DIR/config.gin once the run has
+      the lock and its configuration matches the saved run's.
 
   Returns:
     the Run (state after training).
+
+  Raises:
+    ValueError: bad arguments, a MODEL_DIR run that trained something else
+      (`run_meta.ResumeMismatchError`), or no intact checkpoint left.
+    run_lock.RunLockedError: another live run holds MODEL_DIR.
+    NonFiniteLossError: a non-finite step with `nonfinite_loss='stop'`.
   """
-  os.makedirs(model_dir, exist_ok=True)
+  _check_arguments(
+      task_feature_lengths,
+      nonfinite_loss,
+      train_steps=(train_steps, 1),
+      batch_size=(batch_size, 1),
+      random_seed=(random_seed, 0),
+      num_partitions=(num_partitions, 1),
+      num_microbatches=(num_microbatches, 1),
+      checkpoint_period=(checkpoint_period, 1),
+      keep_checkpoints=(keep_checkpoints, 1),
+      log_period=(log_period, 1),
+      eval_period=(eval_period, 0),
+  )
+  _create_model_dir(model_dir)
+  lock = run_lock.RunLock(model_dir)
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    resume_step, damaged = _find_resume_step(model_dir)
+    meta = describe_run(
+        model, trainable_patterns, initial_checkpoint_path, random_seed
+    )
+    if resume_step is not None:
+      saved = checkpoints.read_step_meta(
+          os.path.join(checkpoints.checkpoint_dir(model_dir), str(resume_step))
+      )
+      run_meta.check_resumable(saved, meta, model_dir)
+    for bad in damaged:
+      logging.warning(
+          "Checkpoint %s is damaged: moved to %s; resuming from step %d.",
+          bad,
+          checkpoint_integrity.set_aside(bad, model_dir),
+          resume_step,
+      )
+    if operative_config is not None:
+      with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(operative_config)
+    return _train_loop(
+        model=model,
+        model_dir=model_dir,
+        resume_step=resume_step,
+        mixture_or_task_name=mixture_or_task_name,
+        task_feature_lengths=task_feature_lengths,
+        train_steps=train_steps,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        trainable_patterns=trainable_patterns,
+        initial_checkpoint_path=initial_checkpoint_path,
+        random_seed=random_seed,
+        pack=pack,
+        num_partitions=num_partitions,
+        num_microbatches=num_microbatches,
+        checkpoint_period=checkpoint_period,
+        keep_checkpoints=keep_checkpoints,
+        log_period=log_period,
+        eval_period=eval_period,
+        evaluate_fn=evaluate_fn,
+        nonfinite_loss=nonfinite_loss,
+    )
+  finally:
+    lock.release()
+
+
+def _train_loop(
+    *,
+    model: models.FlixModel,
+    model_dir: str,
+    resume_step: Optional[int],
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    train_steps: int,
+    batch_size: int,
+    optimizer: optax.GradientTransformation,
+    trainable_patterns: train_step_lib.TrainablePatterns,
+    initial_checkpoint_path: Optional[str],
+    random_seed: int,
+    pack: bool,
+    num_partitions: int,
+    num_microbatches: int,
+    checkpoint_period: int,
+    keep_checkpoints: Optional[int],
+    log_period: int,
+    eval_period: int,
+    evaluate_fn: Optional[Callable[..., Any]],
+    nonfinite_loss: str,
+) -> Run:
+  """`train` once MODEL_DIR is locked and checked (same arguments)."""
   run = build_run(
       model,
       optimizer,
@@ -226,67 +474,113 @@ def train(
   )
   checkpointer = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints)
   start_step, batches_consumed = 0, 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    trainable, opt_state, meta = checkpointer.restore(
-        latest, run.state.trainable, run.state.opt_state
-    )
-    _check_feature_space(
-        meta.get("feature_space"), model.feature_space, checkpointer.directory
+  data = {"mixture_or_task_name": mixture_or_task_name, "seed": random_seed}
+  if resume_step is not None:
+    trainable, opt_state, saved = checkpointer.restore(
+        resume_step, run.state.trainable, run.state.opt_state
     )
     run.state = run.state.replace(
-        step=jnp.asarray(latest, jnp.int32),
+        step=jnp.asarray(resume_step, jnp.int32),
         trainable=trainable,
         opt_state=opt_state,
     )
-    start_step, batches_consumed = latest, meta["data"]["batches_consumed"]
-    logging.info("Resumed from step %d of %s.", latest, checkpointer.directory)
-  run.meta["data"] = {
-      "mixture_or_task_name": mixture_or_task_name,
-      "seed": random_seed,
-      "batches_consumed": batches_consumed,
-  }
+    start_step = resume_step
+    batches_consumed = saved["data"]["batches_consumed"]
+    if {k: saved["data"].get(k) for k in data} != data:
+      logging.warning(
+          "The training data or seed differs from the saved run's (%s); "
+          "the data position is not continued exactly.",
+          saved["data"],
+      )
+    logging.info(
+        "Resumed from step %d of %s.", resume_step, checkpointer.directory
+    )
+  run.meta["data"] = {**data, "batches_consumed": batches_consumed}
 
+  from flix import featurized  # pylint: disable=g-import-not-at-top
   from flix import input_pipeline  # pylint: disable=g-import-not-at-top
 
-  batches = input_pipeline.train_batches(
-      mixture_or_task_name,
-      task_feature_lengths,
-      batch_size,
-      model.feature_space,
-      seed=random_seed,
-      pack=pack,
-      skip_batches=batches_consumed,
-  )
+  def is_eval_step(step: int) -> bool:
+    return evaluate_fn is not None and (
+        (eval_period and step % eval_period == 0) or step == train_steps
+    )
+
+  def evaluate(step: int) -> None:
+    logging.info("Evaluating step %d.", step)
+    checkpointer.wait()
+    evaluate_fn(run=run, step=step, model_dir=model_dir)
+    _record_evaluated_step(model_dir, step)
+
   progress = ProgressLogger(model_dir, train_steps, start_step)
+  guard = _NonFiniteGuard(nonfinite_loss, checkpointer)
   rng = jax.random.PRNGKey(random_seed + 1)
-  step = start_step
-  with run.mesh, nn.logical_axis_rules(run.rules):
-    while step < train_steps:
-      batch = next(batches)
-      model.check_batch(batch)
-      run.state, metrics = run.step_fn(
-          run.state, to_device_batch(batch, run.mesh), rng
-      )
-      step += 1
-      run.meta["data"]["batches_consumed"] = batches_consumed + (
-          step - start_step
-      )
-      if step % log_period == 0 or step == train_steps:
-        progress.log(step, jax.device_get(metrics))
-      if step % checkpoint_period == 0 or step == train_steps:
-        checkpointer.save(
-            step,
-            run.state.trainable,
-            run.state.opt_state,
-            {**run.meta, "step": step},
-            force=True,
-        )
-      if evaluate_fn is not None and (
-          (eval_period and step % eval_period == 0) or step == train_steps
+  step, pending, truncation_reported = start_step, None, False
+  try:
+    with run.mesh, nn.logical_axis_rules(run.rules):
+      if (
+          start_step
+          and is_eval_step(start_step)
+          and _last_evaluated_step(model_dir) != start_step
       ):
-        checkpointer.wait()
-        evaluate_fn(run=run, step=step, model_dir=model_dir)
-  checkpointer.close()
-  progress.close()
+        # The run stopped after saving this step, before its evaluation
+        # finished.
+        evaluate(start_step)
+      if start_step >= train_steps:
+        logging.info("The run is complete: step %d.", start_step)
+      with featurized.count_truncation() as truncation:
+        batches = input_pipeline.train_batches(
+            mixture_or_task_name,
+            task_feature_lengths,
+            batch_size,
+            model.feature_space,
+            seed=random_seed,
+            pack=pack,
+            skip_batches=batches_consumed,
+        )
+      while step < train_steps:
+        batch = next(batches)
+        model.check_batch(batch)
+        run.state, metrics = run.step_fn(
+            run.state, to_device_batch(batch, run.mesh), rng
+        )
+        step += 1
+        guard.check(pending)  # The previous step's, now this one is queued.
+        pending = (step, metrics)
+        run.meta["data"]["batches_consumed"] = batches_consumed + (
+            step - start_step
+        )
+        if step % log_period == 0 or step == train_steps:
+          guard.check(pending)
+          pending = None
+          progress.log(step, jax.device_get(metrics))
+          if not truncation_reported:
+            # Once, over the examples read by the first log step.
+            truncation_reported = True
+            message = featurized.describe_truncations(
+                [(mixture_or_task_name, truncation)],
+                task_feature_lengths,
+                "training examples read so far",
+            )
+            if message:
+              logging.warning("%s", message)
+        if step % checkpoint_period == 0 or step == train_steps:
+          guard.check(pending)
+          pending = None
+          logging.info("Saving checkpoint step %d.", step)
+          checkpointer.save(
+              step,
+              run.state.trainable,
+              run.state.opt_state,
+              {**run.meta, "step": step},
+              force=True,
+          )
+        if is_eval_step(step):
+          guard.check(pending)
+          pending = None
+          evaluate(step)
+      guard.check(pending)
+  finally:
+    # Also on errors: a save in flight is committed before the process ends.
+    checkpointer.close()
+    progress.close()
   return run
