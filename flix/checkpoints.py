@@ -188,6 +188,19 @@ def read_flix_checkpoint(path: str):
   return jax.tree.map(np.asarray, params), read_meta(step_dir)
 
 
+def read_train_state(path: str):
+  """(trained params, optimizer state, meta) of a flix checkpoint as numpy
+  trees, e.g. to compare two runs."""
+  step_dir = resolve_step_dir(path)
+  checkpointer = ocp.StandardCheckpointer()
+  trees = [
+      jax.tree.map(np.asarray, checkpointer.restore(os.path.join(step_dir, i)))
+      for i in ("params", "opt_state")
+  ]
+  checkpointer.close()
+  return trees[0], trees[1], read_step_meta(step_dir)
+
+
 def _is_t5x_legacy(path: str) -> bool:
   ckpt = path if os.path.isfile(path) else os.path.join(path, "checkpoint")
   return os.path.isfile(ckpt) and not os.path.isdir(

@@ -1,0 +1,267 @@
+"""Kill -9 soak: random SIGKILLs of a training run, then a bit-for-bit check.
+
+    python scripts/soak_kill.py --kills 10          # ~25 min on 2 CPU cores
+
+Trains a small FLix config (numbers mixture; dropout and feature dropout on,
+so every step draws random numbers; a checkpoint every 3 steps, an
+evaluation every 10) once without interruption, then again in another
+MODEL_DIR, killing it with SIGKILL `--kills` times at random moments of its
+training and restarting it each time with the same command. Prints where
+each kill landed (a step, a checkpoint write, an evaluation) and the step it
+resumed from, then the max |difference| between the two runs' final
+parameters and optimizer states (0 is the bar) and whether their data
+positions agree. Finally it truncates a file of the killed run's latest
+checkpoint, restarts once more, and prints how long the restart took to
+detect the damage and pick the previous checkpoint (and that it still ends
+equal to the uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+# A small network: startup, not the steps, should dominate each restart.
+SMALL_NETWORK = [
+    "--gin.network.preset.emb_dim=32",
+    "--gin.network.preset.num_heads=2",
+    "--gin.network.preset.head_dim=16",
+    "--gin.network.preset.mlp_dim=64",
+    "--gin.network.preset.num_encoder_layers=2",
+    "--gin.network.preset.num_decoder_layers=2",
+]
+
+
+def train_args(
+    model_dir: str,
+    train_steps: int,
+    checkpoint_period: int,
+    eval_period: int,
+    extra: Sequence[str] = (),
+) -> list[str]:
+  """`python -m flix.train` arguments of the soak's run in `model_dir`."""
+  return [
+      "--gin_file=configs/demo.gin",
+      *SMALL_NETWORK,
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 48}",
+      "--gin.BATCH_SIZE=4",
+      "--gin.DROPOUT_RATE=0.1",
+      "--gin.LOG_PERIOD=1",
+      f'--gin.MODEL_DIR="{model_dir}"',
+      f"--gin.TRAIN_STEPS={train_steps}",
+      f"--gin.CHECKPOINT_PERIOD={checkpoint_period}",
+      f"--gin.EVAL_PERIOD={eval_period}",
+      "--gin.EVAL_MIXTURE='numbers_ordinal_fr'",
+      "--gin.EVALUATOR_NUM_EXAMPLES=2",
+      "--gin.EVAL_BATCH_SIZE=2",
+      *extra,
+  ]
+
+
+def start(args: Sequence[str], log_path: str) -> subprocess.Popen:
+  """Starts `python -m flix.train ARGS`, output to `log_path`."""
+  with open(log_path, "w") as log:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flix.train", *args],
+        cwd=REPO,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def finish(args: Sequence[str], log_path: str, timeout: float = 1200) -> str:
+  """Runs `python -m flix.train ARGS` to the end; returns its log."""
+  process = start(args, log_path)
+  if process.wait(timeout=timeout) != 0:
+    raise RuntimeError(f"flix.train failed; see {log_path}")
+  return pathlib.Path(log_path).read_text()
+
+
+def wait_for(
+    process: subprocess.Popen, log_path: str, pattern: str, timeout: float
+) -> Optional[re.Match]:
+  """Polls the log until `pattern` matches (None if the process ended)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    match = re.search(pattern, pathlib.Path(log_path).read_text())
+    if match:
+      return match
+    if process.poll() is not None:
+      return None
+    time.sleep(0.02)
+  raise TimeoutError(f"{pattern!r} not in {log_path} after {timeout} s")
+
+
+def activity(model_dir: str, log: str) -> str:
+  """What a run is doing now, from its checkpoints/ and its log."""
+  writing = glob.glob(
+      os.path.join(model_dir, "checkpoints", "*.orbax-checkpoint-tmp*")
+  )
+  if writing:
+    step = os.path.basename(writing[0]).split(".")[0]
+    return f"the checkpoint write of step {step}"
+  events = re.findall(r"(step (\d+)/\d+ |Evaluating step (\d+)\.)", log)
+  if not events:
+    return "start-up (before the first step)"
+  text, logged, evaluated = events[-1]
+  if evaluated:
+    return f"the evaluation of step {evaluated}"
+  return f"step {int(logged) + 1} (step {logged} logged)"
+
+
+def kill(process: subprocess.Popen) -> None:
+  process.send_signal(signal.SIGKILL)
+  if process.wait(timeout=120) != -signal.SIGKILL:
+    raise RuntimeError("the run ended before the kill landed")
+
+
+def max_difference(model_dir_a: str, model_dir_b: str) -> float:
+  """Max |a - b| over the final params and optimizer states of two runs;
+  raises if their trees, step or data position differ."""
+  from flix import checkpoints  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  params_a, opt_a, meta_a = checkpoints.read_train_state(model_dir_a)
+  params_b, opt_b, meta_b = checkpoints.read_train_state(model_dir_b)
+  if (meta_a["step"], meta_a["data"]) != (meta_b["step"], meta_b["data"]):
+    raise AssertionError(
+        f"step/data position differ: {meta_a['step']} {meta_a['data']} vs "
+        f"{meta_b['step']} {meta_b['data']}"
+    )
+  leaves_a = jax.tree.leaves((params_a, opt_a))
+  leaves_b = jax.tree.leaves((params_b, opt_b))
+  if jax.tree.structure((params_a, opt_a)) != jax.tree.structure(
+      (params_b, opt_b)
+  ):
+    raise AssertionError("the two runs' state trees differ")
+  return max(
+      float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b))))
+      if np.size(a)
+      else 0.0
+      for a, b in zip(leaves_a, leaves_b)
+  )
+
+
+def truncate_latest_checkpoint(model_dir: str) -> tuple[int, str]:
+  """Cuts the largest params file of the newest step in half."""
+  directory = os.path.join(model_dir, "checkpoints")
+  step = max(int(d) for d in os.listdir(directory) if d.isdigit())
+  files = [
+      p
+      for p in glob.glob(
+          os.path.join(directory, str(step), "params", "**", "*"),
+          recursive=True,
+      )
+      if os.path.isfile(p)
+  ]
+  target = max(files, key=os.path.getsize)
+  with open(target, "r+b") as f:
+    f.truncate(os.path.getsize(target) // 2)
+  return step, os.path.relpath(target, os.path.join(directory, str(step)))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--kills", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--checkpoint_period", type=int, default=3)
+  parser.add_argument("--eval_period", type=int, default=10)
+  parser.add_argument("--seed", type=int, default=0, help="kill times")
+  parser.add_argument("--workdir", default="/tmp/flix_soak_kill")
+  flags = parser.parse_args()
+  rng = random.Random(flags.seed)
+  shutil.rmtree(flags.workdir, ignore_errors=True)
+  os.makedirs(flags.workdir)
+  reference, killed = (os.path.join(flags.workdir, d) for d in ("ref", "run"))
+  settings = (flags.steps, flags.checkpoint_period, flags.eval_period)
+
+  started = time.time()
+  log_path = os.path.join(flags.workdir, "reference.log")
+  process = start(train_args(reference, *settings), log_path)
+  wait_for(process, log_path, r"step 1/", 1200)
+  training_started = time.time()
+  if process.wait(timeout=1200) != 0:
+    raise RuntimeError(f"the reference run failed; see {log_path}")
+  per_step = (time.time() - training_started) / flags.steps
+  print(
+      f"uninterrupted run: {flags.steps} steps in {time.time() - started:.0f}"
+      f" s ({per_step:.2f} s per step with saves and evaluations)",
+      flush=True,
+  )
+
+  args = train_args(killed, *settings)
+  kills = attempt = 0
+  while kills < flags.kills:
+    attempt += 1
+    log_path = os.path.join(flags.workdir, f"attempt{attempt}.log")
+    process = start(args, log_path)
+    first = wait_for(process, log_path, r"step (\d+)/", 1200)
+    if first is None:
+      raise RuntimeError(f"attempt {attempt} ended early; see {log_path}")
+    resumed = re.search(r"Resumed from step (\d+)", open(log_path).read())
+    resumed_from = int(resumed.group(1)) if resumed else 0
+    remaining = flags.steps - resumed_from
+    delay = rng.uniform(0, 0.9 * remaining * per_step)
+    time.sleep(delay)
+    if process.poll() is not None:
+      raise RuntimeError(f"attempt {attempt} finished before its kill")
+    where = activity(killed, open(log_path).read())
+    kill(process)
+    kills += 1
+    print(
+        f"kill {kills:2d}: {delay:5.1f} s into training (resumed from step "
+        f"{resumed_from}), during {where}",
+        flush=True,
+    )
+  log = finish(args, os.path.join(flags.workdir, "final.log"))
+  resumed = re.search(r"Resumed from step (\d+)", log)
+  print(
+      f"final restart resumed from step {resumed.group(1) if resumed else 0}"
+      " and finished",
+      flush=True,
+  )
+  difference = max_difference(reference, killed)
+  print(
+      f"after {kills} kills: max |difference| of params and optimizer "
+      f"state vs the uninterrupted run = {difference!r}; data positions "
+      "equal",
+      flush=True,
+  )
+
+  step, damaged_file = truncate_latest_checkpoint(killed)
+  restarted = time.time()
+  log = finish(args, os.path.join(flags.workdir, "damaged.log"))
+  verified = re.search(r"Checkpoint step (\d+) verified in ([\d.]+) s", log)
+  if verified is None or "is damaged: moved to" not in log:
+    raise AssertionError("the restart did not report the damaged step")
+  after_damage = max_difference(reference, killed)
+  print(
+      f"damaged checkpoint: truncated {damaged_file} of step {step}; the "
+      f"restart detected it and chose step {verified.group(1)} in "
+      f"{verified.group(2)} s, retrained to step {flags.steps} "
+      f"({time.time() - restarted:.0f} s with start-up); max |difference| "
+      f"vs the uninterrupted run = {after_damage!r}",
+      flush=True,
+  )
+  identical = difference == 0.0 and after_damage == 0.0
+  print("bit-identical" if identical else "DIFFERENT")
+  sys.exit(0 if identical else 1)
+
+
+if __name__ == "__main__":
+  main()
