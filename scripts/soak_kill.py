@@ -107,6 +107,21 @@ def wait_for(
   raise TimeoutError(f"{pattern!r} not in {log_path} after {timeout} s")
 
 
+def step_gaps(log: str) -> dict[int, float]:
+  """Seconds from each step's log line to the next step's (absl stamps)."""
+  times = {
+      int(step): int(h) * 3600 + int(m) * 60 + float(s)
+      for h, m, s, step in re.findall(
+          r"^I\d{4} (\d+):(\d+):([\d.]+) .*\] step (\d+)/", log, re.M
+      )
+  }
+  return {
+      step: (times[step + 1] - times[step]) % 86400
+      for step in times
+      if step + 1 in times
+  }
+
+
 def activity(model_dir: str, log: str) -> str:
   """What a run is doing now, from its checkpoints/ and its log."""
   writing = glob.glob(
@@ -191,41 +206,45 @@ def main() -> None:
   settings = (flags.steps, flags.checkpoint_period, flags.eval_period)
 
   started = time.time()
-  log_path = os.path.join(flags.workdir, "reference.log")
-  process = start(train_args(reference, *settings), log_path)
-  wait_for(process, log_path, r"step 1/", 1200)
-  training_started = time.time()
-  if process.wait(timeout=1200) != 0:
-    raise RuntimeError(f"the reference run failed; see {log_path}")
-  per_step = (time.time() - training_started) / flags.steps
+  log = finish(
+      train_args(reference, *settings),
+      os.path.join(flags.workdir, "reference.log"),
+  )
+  gaps = step_gaps(log)
   print(
       f"uninterrupted run: {flags.steps} steps in {time.time() - started:.0f}"
-      f" s ({per_step:.2f} s per step with saves and evaluations)",
+      f" s, {sum(gaps.values()):.0f} s of them between its first and last "
+      "step (saves and evaluations included)",
       flush=True,
   )
 
   args = train_args(killed, *settings)
-  kills = attempt = 0
-  while kills < flags.kills:
-    attempt += 1
-    log_path = os.path.join(flags.workdir, f"attempt{attempt}.log")
+  for kill_number in range(1, flags.kills + 1):
+    log_path = os.path.join(flags.workdir, f"attempt{kill_number}.log")
     process = start(args, log_path)
     first = wait_for(process, log_path, r"step (\d+)/", 1200)
     if first is None:
-      raise RuntimeError(f"attempt {attempt} ended early; see {log_path}")
+      raise RuntimeError(f"attempt {kill_number} ended; see {log_path}")
     resumed = re.search(r"Resumed from step (\d+)", open(log_path).read())
     resumed_from = int(resumed.group(1)) if resumed else 0
-    remaining = flags.steps - resumed_from
-    delay = rng.uniform(0, 0.9 * remaining * per_step)
+    # A random moment: after a random step, somewhere in the time the
+    # uninterrupted run spent until its next step (a step, a checkpoint
+    # write or an evaluation). Never after the second-to-last step.
+    lowest = int(first.group(1))
+    after = rng.randint(lowest, max(flags.steps - 2, lowest))
+    if wait_for(process, log_path, rf"step {after}/", 1200) is None:
+      raise RuntimeError(f"attempt {kill_number} ended; see {log_path}")
+    delay = rng.uniform(0, gaps[after])
     time.sleep(delay)
     if process.poll() is not None:
-      raise RuntimeError(f"attempt {attempt} finished before its kill")
+      raise RuntimeError(
+          f"attempt {kill_number} finished before its kill; see {log_path}"
+      )
     where = activity(killed, open(log_path).read())
     kill(process)
-    kills += 1
     print(
-        f"kill {kills:2d}: {delay:5.1f} s into training (resumed from step "
-        f"{resumed_from}), during {where}",
+        f"kill {kill_number:2d}: resumed from step {resumed_from}, killed "
+        f"{delay:4.1f} s after step {after} logged, during {where}",
         flush=True,
     )
   log = finish(args, os.path.join(flags.workdir, "final.log"))
@@ -237,7 +256,7 @@ def main() -> None:
   )
   difference = max_difference(reference, killed)
   print(
-      f"after {kills} kills: max |difference| of params and optimizer "
+      f"after {flags.kills} kills: max |difference| of params and optimizer "
       f"state vs the uninterrupted run = {difference!r}; data positions "
       "equal",
       flush=True,
