@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import tokenize
 from typing import Any, Callable, Sequence
 
 import gin
@@ -94,7 +95,12 @@ def parse_gin(
         finalize_config=False,
         skip_unknown=False,
     )
-  except (ValueError, KeyError, IOError, SyntaxError) as e:
+  except tokenize.TokenError as e:  # An unclosed bracket, at the file end.
+    raise ValueError(
+        f"Gin configuration error: {e.args[0]} (line {e.args[1][0]}) in one "
+        f"of {list(gin_files)}: a bracket or quote is not closed."
+    ) from e
+  except (ValueError, KeyError, IOError, SyntaxError, TypeError) as e:
     raise ValueError(f"Gin configuration error: {_gin_message(e)}") from e
   finally:
     logging.getLogger().removeFilter(quiet)
@@ -135,6 +141,16 @@ def _parameters(selector: str) -> list[str]:
 
 def _gin_message(error: Exception) -> str:
   """Gin's error as one line: the problem, a suggestion, where it is."""
+  if isinstance(error, SyntaxError):
+    token = re.search(r"Failed to parse token '(.*)'", str(error))
+    problem = (
+        f"cannot parse the value {token.group(1)} (strings need quotes: "
+        "--gin.NAME=\"'text'\")"
+        if token
+        else error.msg
+    )
+    where = f"{error.filename}:{error.lineno}" if error.filename else "binding"
+    return f"{problem} ({where}: {(error.text or '').strip()})"
   text = str(error.args[0] if isinstance(error, KeyError) else error)
   lines = [l.strip() for l in text.splitlines() if l.strip()]
   first = lines[0] if lines else type(error).__name__

@@ -2,9 +2,10 @@
 
     python scripts/soak_kill.py --kills 10          # ~25 min on 2 CPU cores
 
-Trains a small FLix config (numbers mixture; dropout and feature dropout on,
-so every step draws random numbers; a checkpoint every 3 steps, an
-evaluation every 10) once without interruption, then again in another
+Trains a small FLix config (a generated featurized JSONL task through
+configs/byo_jsonl.gin; dropout and feature dropout on, so every step draws
+random numbers; a checkpoint every 3 steps, an evaluation every 10) once
+without interruption, then again in another
 MODEL_DIR, killing it with SIGKILL `--kills` times at random moments of its
 training and restarting it each time with the same command. Prints where
 each kill landed (a step, a checkpoint write, an evaluation) and the step it
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import pathlib
 import random
@@ -29,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -46,26 +48,46 @@ SMALL_NETWORK = [
 ]
 
 
+def write_data(directory: str) -> str:
+  """A small featurized JSONL task (train and validation files)."""
+  os.makedirs(directory, exist_ok=True)
+  for split, count in (("train", 96), ("validation", 4)):
+    with open(os.path.join(directory, f"{split}.jsonl"), "w") as f:
+      for i in range(count):
+        task = ("echo", "double")[i % 2]
+        record = {
+            "inputs": f"{task} {i}",
+            "targets": str(i) * (1 + i % 2),
+            "features": {"task": task, "language": ("en", "fr", "de")[i % 3]},
+        }
+        f.write(json.dumps(record) + "\n")
+  return directory
+
+
 def train_args(
     model_dir: str,
+    data_dir: str,
     train_steps: int,
     checkpoint_period: int,
     eval_period: int,
     extra: Sequence[str] = (),
 ) -> list[str]:
-  """`python -m flix.train` arguments of the soak's run in `model_dir`."""
+  """`python -m flix.train` arguments of a small FLix run in `model_dir`
+  on the JSONL task of `write_data(data_dir)`."""
   return [
-      "--gin_file=configs/demo.gin",
+      "--gin_file=configs/byo_jsonl.gin",
       *SMALL_NETWORK,
-      "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 48}",
+      f'--gin.TRAIN_FILES="{data_dir}/train.jsonl"',
+      f'--gin.VALIDATION_FILES="{data_dir}/validation.jsonl"',
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}",
       "--gin.BATCH_SIZE=4",
       "--gin.DROPOUT_RATE=0.1",
+      "--gin.FEATURE_DROPOUT=0.2",
       "--gin.LOG_PERIOD=1",
       f'--gin.MODEL_DIR="{model_dir}"',
       f"--gin.TRAIN_STEPS={train_steps}",
       f"--gin.CHECKPOINT_PERIOD={checkpoint_period}",
       f"--gin.EVAL_PERIOD={eval_period}",
-      "--gin.EVAL_MIXTURE='numbers_ordinal_fr'",
       "--gin.EVALUATOR_NUM_EXAMPLES=2",
       "--gin.EVAL_BATCH_SIZE=2",
       *extra,
@@ -92,19 +114,38 @@ def finish(args: Sequence[str], log_path: str, timeout: float = 1200) -> str:
   return pathlib.Path(log_path).read_text()
 
 
+def poll(
+    process: subprocess.Popen, condition: Callable[[], Any], timeout: float
+) -> Any:
+  """Polls `condition()` until it is truthy (returns it) or the process
+  ends (returns None)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    value = condition()
+    if value:
+      return value
+    if process.poll() is not None:
+      return None
+    time.sleep(0.02)
+  raise TimeoutError(f"no result after {timeout} s")
+
+
 def wait_for(
     process: subprocess.Popen, log_path: str, pattern: str, timeout: float
 ) -> Optional[re.Match]:
   """Polls the log until `pattern` matches (None if the process ended)."""
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    match = re.search(pattern, pathlib.Path(log_path).read_text())
-    if match:
-      return match
-    if process.poll() is not None:
-      return None
-    time.sleep(0.02)
-  raise TimeoutError(f"{pattern!r} not in {log_path} after {timeout} s")
+  return poll(
+      process,
+      lambda: re.search(pattern, pathlib.Path(log_path).read_text()),
+      timeout,
+  )
+
+
+def checkpoint_writes(model_dir: str) -> list[str]:
+  """The temporary directories of checkpoint writes under way."""
+  return glob.glob(
+      os.path.join(model_dir, "checkpoints", "*.orbax-checkpoint-tmp*")
+  )
 
 
 def step_gaps(log: str) -> dict[int, float]:
@@ -124,9 +165,7 @@ def step_gaps(log: str) -> dict[int, float]:
 
 def activity(model_dir: str, log: str) -> str:
   """What a run is doing now, from its checkpoints/ and its log."""
-  writing = glob.glob(
-      os.path.join(model_dir, "checkpoints", "*.orbax-checkpoint-tmp*")
-  )
+  writing = checkpoint_writes(model_dir)
   if writing:
     step = os.path.basename(writing[0]).split(".")[0]
     return f"the checkpoint write of step {step}"
@@ -203,7 +242,8 @@ def main() -> None:
   shutil.rmtree(flags.workdir, ignore_errors=True)
   os.makedirs(flags.workdir)
   reference, killed = (os.path.join(flags.workdir, d) for d in ("ref", "run"))
-  settings = (flags.steps, flags.checkpoint_period, flags.eval_period)
+  data = write_data(os.path.join(flags.workdir, "data"))
+  settings = (data, flags.steps, flags.checkpoint_period, flags.eval_period)
 
   started = time.time()
   log = finish(
