@@ -35,8 +35,9 @@ class FeatureGroup:
     name: group name, e.g. "task".
     values: ordered value names; the order fixes adapter indices.
     rank: LoRA rank r_g of this group's adapters.
-    alpha: LoRA alpha; scale s = alpha / r (or alpha / sqrt(r) with rsLoRA).
-      Defaults to `rank` (scale 1).
+    alpha: LoRA alpha; scale s = alpha / r_v (or alpha / sqrt(r_v) with
+      rsLoRA), r_v the value's rank. Defaults to the group's `rank` (scale 1
+      for values without a rank override).
     dropout: probability p_g of dropping this group's feature of an example
       during training.
     value_ranks: optional per-value rank overrides `((value, rank), ...)`.
@@ -97,7 +98,8 @@ class FeatureGroup:
 
   @property
   def max_rank(self) -> int:
-    return max([self.rank] + [r for _, r in self.value_ranks])
+    """R, the stored (padded) adapter rank: the largest rank in use."""
+    return max(self.rank_of(v) for v in self.values)
 
   def rank_of(self, value: str) -> int:
     return dict(self.value_ranks).get(value, self.rank)

@@ -156,12 +156,22 @@ class FlixModel:
 
   def check_batch(self, batch: Batch) -> None:
     """Raises a readable error for a host batch the network cannot compute
-    exactly (a packed row with more examples than `max_segments`)."""
-    if self.feature_space is not None:
+    exactly (a packed row with more runs of feature ids than `max_segments`).
+
+    Feature dropout draws per packed example, so with dropout every example
+    of a row may become a run of its own: runs are then counted per segment.
+    """
+    space = self.feature_space
+    if space is None:
+      return
+    dropout = bool(np.any(space.dropout_rates() > 0))
+    for side in ("encoder", "decoder"):
+      ids = np.asarray(batch[f"{side}_feature_ids"])
+      segments = batch.get(f"{side}_segment_ids")
+      if dropout and segments is not None:
+        ids = np.concatenate([ids, np.asarray(segments)[..., None]], axis=-1)
       layers.check_max_segments(
-          np.asarray(batch["encoder_feature_ids"]),
-          self.config.max_segments,
-          self.config.flix_strategy,
+          ids, self.config.max_segments, self.config.flix_strategy
       )
 
   # ---- Forward ----
