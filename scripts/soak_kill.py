@@ -275,7 +275,16 @@ def main() -> None:
     if wait_for(process, log_path, rf"step {after}/", 1200) is None:
       raise RuntimeError(f"attempt {kill_number} ended; see {log_path}")
     delay = rng.uniform(0, gaps[after])
-    time.sleep(delay)
+    # The kill lands at the drawn moment, or when the next step is logged if
+    # this attempt runs faster than the reference did.
+    started = time.time()
+    poll(
+        process,
+        lambda: time.time() - started >= delay
+        or re.search(rf"step {after + 1}/", open(log_path).read()),
+        1200,
+    )
+    delay = time.time() - started
     if process.poll() is not None:
       raise RuntimeError(
           f"attempt {kill_number} finished before its kill; see {log_path}"
