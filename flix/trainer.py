@@ -506,8 +506,8 @@ def _train_loop(
     )
 
   def evaluate(step: int) -> None:
+    checkpointer.wait()  # The step's checkpoint is committed first.
     logging.info("Evaluating step %d.", step)
-    checkpointer.wait()
     evaluate_fn(run=run, step=step, model_dir=model_dir)
     _record_evaluated_step(model_dir, step)
 
