@@ -5,17 +5,16 @@
 
 A run can be killed at any moment and restarted with the same command: it
 takes MODEL_DIR's lock (`flix.run_lock`), resumes from the newest intact
-checkpoint (damaged newer ones are set aside, `flix.checkpoint_integrity`),
-refuses a configuration that trains something else (`flix.run_meta`), and
-continues bit-identically: the step's rng depends on (seed, step) only and
+checkpoint and refuses a configuration that trains something else
+(`flix.resume`), and continues bit-identically: the step's rng depends on (seed, step) only and
 the data resumes at the saved batch count. A non-finite loss stops the run
 (or, with `nonfinite_loss='skip'`, skips the step) without saving it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -27,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flix import checkpoint_integrity
 from flix import checkpoints
 from flix import models
 from flix import partitioning
+from flix import resume
 from flix import run_lock
-from flix import run_meta
 from flix import train_step as train_step_lib
 
 PyTree = Any
@@ -168,8 +166,6 @@ class ProgressLogger:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
-# MODEL_DIR file naming the last step whose evaluation finished.
-EVAL_RECORD_FILE = "last_evaluated_step"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -210,57 +206,6 @@ def _check_arguments(
         f"trainer.train: nonfinite_loss must be one of {NONFINITE_POLICIES}, "
         f"got {nonfinite_loss!r}."
     )
-
-
-def _create_model_dir(model_dir: str) -> None:
-  try:
-    os.makedirs(model_dir, exist_ok=True)
-  except OSError as e:
-    raise OSError(
-        e.errno, f"MODEL_DIR {model_dir} cannot be created ({e.strerror})"
-    ) from None
-  if not os.access(model_dir, os.W_OK | os.X_OK):
-    raise PermissionError(f"MODEL_DIR {model_dir} is not writable.")
-
-
-def _find_resume_step(
-    model_dir: str,
-) -> tuple[Optional[int], list[checkpoint_integrity.Damaged]]:
-  """The newest intact checkpoint step (None: start from scratch) and the
-  damaged steps above it; an error, changing nothing, if all are damaged."""
-  directory = checkpoints.checkpoint_dir(model_dir)
-  started = time.time()
-  step, damaged = checkpoint_integrity.latest_intact_step(directory)
-  if damaged and step is None:
-    raise ValueError(
-        f"No intact checkpoint to resume in {directory}: "
-        + "; ".join(str(d) for d in damaged)
-        + ". Nothing was changed; move the damaged steps away (or give a "
-        "new MODEL_DIR) to start the run again."
-    )
-  if step is not None:
-    logging.info(
-        "Checkpoint step %d verified in %.2f s (%d damaged newer steps).",
-        step,
-        time.time() - started,
-        len(damaged),
-    )
-  return step, damaged
-
-
-def _last_evaluated_step(model_dir: str) -> Optional[int]:
-  try:
-    with open(os.path.join(model_dir, EVAL_RECORD_FILE)) as f:
-      return int(f.read().strip())
-  except (OSError, ValueError):
-    return None
-
-
-def _record_evaluated_step(model_dir: str, step: int) -> None:
-  path = os.path.join(model_dir, EVAL_RECORD_FILE)
-  with open(path + ".tmp", "w") as f:
-    f.write(str(step))
-  os.replace(path + ".tmp", path)
 
 
 class _NonFiniteGuard:
@@ -364,7 +309,8 @@ def train(
 
   Raises:
     ValueError: bad arguments, a MODEL_DIR run that trained something else
-      (`run_meta.ResumeMismatchError`), or no intact checkpoint left.
+      (`run_meta.ResumeMismatchError`), or no intact checkpoint left
+      (`resume.prepare`).
     run_lock.RunLockedError: another live run holds MODEL_DIR.
     NonFiniteLossError: a non-finite step with `nonfinite_loss='stop'`.
   """
@@ -381,98 +327,84 @@ def train(
       log_period=(log_period, 1),
       eval_period=(eval_period, 0),
   )
-  _create_model_dir(model_dir)
-  lock = run_lock.RunLock(model_dir)
-  if jax.process_index() == 0:
-    lock.acquire()
-  try:
-    resume_step, damaged = _find_resume_step(model_dir)
-    meta = describe_run(
-        model, trainable_patterns, initial_checkpoint_path, random_seed
+  resume.create_model_dir(model_dir)
+  # One writer per MODEL_DIR (process 0 holds it for the run's hosts).
+  lock = (
+      run_lock.RunLock(model_dir)
+      if jax.process_index() == 0
+      else contextlib.nullcontext()
+  )
+  with lock:
+    resume_step = resume.prepare(
+        model_dir,
+        describe_run(
+            model, trainable_patterns, initial_checkpoint_path, random_seed
+        ),
     )
-    if resume_step is not None:
-      saved = checkpoints.read_step_meta(
-          os.path.join(checkpoints.checkpoint_dir(model_dir), str(resume_step))
-      )
-      run_meta.check_resumable(saved, meta, model_dir)
-    for bad in damaged:
-      logging.warning(
-          "Checkpoint %s is damaged: moved to %s; resuming from step %d.",
-          bad,
-          checkpoint_integrity.set_aside(bad, model_dir),
-          resume_step,
-      )
     if operative_config is not None:
       with open(os.path.join(model_dir, "config.gin"), "w") as f:
         f.write(operative_config)
-    return _train_loop(
-        model=model,
-        model_dir=model_dir,
-        resume_step=resume_step,
-        mixture_or_task_name=mixture_or_task_name,
-        task_feature_lengths=task_feature_lengths,
-        train_steps=train_steps,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        trainable_patterns=trainable_patterns,
-        initial_checkpoint_path=initial_checkpoint_path,
-        random_seed=random_seed,
-        pack=pack,
-        num_partitions=num_partitions,
-        num_microbatches=num_microbatches,
-        checkpoint_period=checkpoint_period,
-        keep_checkpoints=keep_checkpoints,
-        log_period=log_period,
-        eval_period=eval_period,
-        evaluate_fn=evaluate_fn,
-        nonfinite_loss=nonfinite_loss,
+    run = build_run(
+        model,
+        optimizer,
+        trainable_patterns,
+        initial_checkpoint_path,
+        random_seed,
+        num_partitions,
+        num_microbatches,
     )
-  finally:
-    lock.release()
+    partitioning.check_batch_size(batch_size, run.mesh)
+    logging.info(
+        "Trainable params: %d of %d (%s).",
+        train_step_lib.count_params(run.state.trainable),
+        train_step_lib.count_params(run.state.trainable)
+        + train_step_lib.count_params(run.state.frozen),
+        ", ".join(run.meta["trainable_patterns"]),
+    )
+    checkpointer = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints)
+    try:
+      _loop(
+          run,
+          checkpointer,
+          model_dir=model_dir,
+          resume_step=resume_step,
+          mixture_or_task_name=mixture_or_task_name,
+          task_feature_lengths=task_feature_lengths,
+          train_steps=train_steps,
+          batch_size=batch_size,
+          random_seed=random_seed,
+          pack=pack,
+          checkpoint_period=checkpoint_period,
+          log_period=log_period,
+          eval_period=eval_period,
+          evaluate_fn=evaluate_fn,
+          nonfinite_loss=nonfinite_loss,
+      )
+    finally:
+      # Also on errors: a save in flight is committed before the end.
+      checkpointer.close()
+  return run
 
 
-def _train_loop(
+def _loop(
+    run: Run,
+    checkpointer: checkpoints.Checkpointer,
     *,
-    model: models.FlixModel,
     model_dir: str,
     resume_step: Optional[int],
     mixture_or_task_name: str,
     task_feature_lengths: Mapping[str, int],
     train_steps: int,
     batch_size: int,
-    optimizer: optax.GradientTransformation,
-    trainable_patterns: train_step_lib.TrainablePatterns,
-    initial_checkpoint_path: Optional[str],
     random_seed: int,
     pack: bool,
-    num_partitions: int,
-    num_microbatches: int,
     checkpoint_period: int,
-    keep_checkpoints: Optional[int],
     log_period: int,
     eval_period: int,
     evaluate_fn: Optional[Callable[..., Any]],
     nonfinite_loss: str,
-) -> Run:
-  """`train` once MODEL_DIR is locked and checked (same arguments)."""
-  run = build_run(
-      model,
-      optimizer,
-      trainable_patterns,
-      initial_checkpoint_path,
-      random_seed,
-      num_partitions,
-      num_microbatches,
-  )
-  partitioning.check_batch_size(batch_size, run.mesh)
-  logging.info(
-      "Trainable params: %d of %d (%s).",
-      train_step_lib.count_params(run.state.trainable),
-      train_step_lib.count_params(run.state.trainable)
-      + train_step_lib.count_params(run.state.frozen),
-      ", ".join(run.meta["trainable_patterns"]),
-  )
-  checkpointer = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints)
+) -> None:
+  """Restores `resume_step` and runs the steps, saves and evaluations."""
   start_step, batches_consumed = 0, 0
   data = {"mixture_or_task_name": mixture_or_task_name, "seed": random_seed}
   if resume_step is not None:
@@ -509,7 +441,7 @@ def _train_loop(
     checkpointer.wait()  # The step's checkpoint is committed first.
     logging.info("Evaluating step %d.", step)
     evaluate_fn(run=run, step=step, model_dir=model_dir)
-    _record_evaluated_step(model_dir, step)
+    resume.record_evaluated_step(model_dir, step)
 
   progress = ProgressLogger(model_dir, train_steps, start_step)
   guard = _NonFiniteGuard(nonfinite_loss, checkpointer)
@@ -520,7 +452,7 @@ def _train_loop(
       if (
           start_step
           and is_eval_step(start_step)
-          and _last_evaluated_step(model_dir) != start_step
+          and resume.last_evaluated_step(model_dir) != start_step
       ):
         # The run stopped after saving this step, before its evaluation
         # finished.
@@ -532,14 +464,14 @@ def _train_loop(
             mixture_or_task_name,
             task_feature_lengths,
             batch_size,
-            model.feature_space,
+            run.model.feature_space,
             seed=random_seed,
             pack=pack,
             skip_batches=batches_consumed,
         )
       while step < train_steps:
         batch = next(batches)
-        model.check_batch(batch)
+        run.model.check_batch(batch)
         run.state, metrics = run.step_fn(
             run.state, to_device_batch(batch, run.mesh), rng
         )
@@ -580,7 +512,4 @@ def _train_loop(
           evaluate(step)
       guard.check(pending)
   finally:
-    # Also on errors: a save in flight is committed before the process ends.
-    checkpointer.close()
     progress.close()
-  return run
