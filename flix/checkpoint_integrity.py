@@ -103,6 +103,8 @@ def verify(step_dir: str) -> Optional[str]:
       files = json.load(f)["files"]
   except (ValueError, KeyError, UnicodeDecodeError) as e:
     return f"{MANIFEST_FILE} is unreadable ({e})"
+  # Sizes first (cheap: a truncated file is found without hashing), then
+  # the checksums.
   for name, record in files.items():
     path = os.path.join(step_dir, name)
     if not os.path.exists(path):
@@ -110,7 +112,8 @@ def verify(step_dir: str) -> Optional[str]:
     size = os.path.getsize(path)
     if size != record["bytes"]:
       return f"{name} has {size} bytes, {record['bytes']} were written"
-    if _sha256(path) != record["sha256"]:
+  for name, record in files.items():
+    if _sha256(os.path.join(step_dir, name)) != record["sha256"]:
       return f"{name} is corrupted (its SHA-256 differs from the one written)"
   return None
 

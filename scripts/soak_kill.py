@@ -318,10 +318,20 @@ def main() -> None:
   if verified is None or "is damaged: moved to" not in log:
     raise AssertionError("the restart did not report the damaged step")
   after_damage = max_difference(reference, killed)
+  hashed = sum(
+      p.stat().st_size
+      for d in (
+          os.path.join(killed, "checkpoints.damaged", str(step)),
+          os.path.join(killed, "checkpoints", verified.group(1)),
+      )
+      for p in pathlib.Path(d).rglob("*")
+      if p.is_file()
+  )
   print(
       f"damaged checkpoint: truncated {damaged_file} of step {step}; the "
       f"restart detected it and chose step {verified.group(1)} in "
-      f"{verified.group(2)} s, retrained to step {flags.steps} "
+      f"{verified.group(2)} s ({hashed / 1e6:.1f} MB checked), retrained to "
+      f"step {flags.steps} "
       f"({time.time() - restarted:.0f} s with start-up); max |difference| "
       f"vs the uninterrupted run = {after_damage!r}",
       flush=True,
