@@ -22,8 +22,8 @@ from typing import Any, Optional
 LOCK_FILE = "flix.lock"
 
 
-class RunLockedError(RuntimeError):
-  """Another live run holds the MODEL_DIR."""
+class RunLockedError(OSError):
+  """Another live run holds the MODEL_DIR (an OSError, like EBUSY)."""
 
 
 def _describe(record: dict[str, Any]) -> str:
