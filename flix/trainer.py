@@ -6,9 +6,10 @@
 A run can be killed at any moment and restarted with the same command: it
 takes MODEL_DIR's lock (`flix.run_lock`), resumes from the newest intact
 checkpoint and refuses a configuration that trains something else
-(`flix.resume`), and continues bit-identically: the step's rng depends on (seed, step) only and
-the data resumes at the saved batch count. A non-finite loss stops the run
-(or, with `nonfinite_loss='skip'`, skips the step) without saving it.
+(`flix.resume`), and continues bit-identically: the step's rng depends on
+(seed, step) only and the data resumes at the saved batch count. A
+non-finite loss stops the run (or, with `nonfinite_loss='skip'`, skips the
+step) without saving it.
 """
 
 from __future__ import annotations
