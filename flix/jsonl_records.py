@@ -1,7 +1,6 @@
 """Featurized JSONL: one `{"inputs", "targets", "features"}` object per line.
 
-  {"inputs": "...", "targets": "...",
-   "features": {"task": "qa", "language": "sw"}}
+  {"inputs": "...", "targets": "...", "features": {"task": "qa"}}
 
 The one reader of the format, for training data (`flix_tasks.jsonl`) and
 inference inputs (`flix.inference`, where `targets` is optional). `features`
