@@ -148,19 +148,25 @@ def checkpoint_writes(model_dir: str) -> list[str]:
   )
 
 
-def step_gaps(log: str) -> dict[int, float]:
-  """Seconds from each step's log line to the next step's (absl stamps)."""
-  times = {
+def step_times(log: str) -> dict[int, float]:
+  """Seconds (of the day) at which each step's log line was written."""
+  return {
       int(step): int(h) * 3600 + int(m) * 60 + float(s)
       for h, m, s, step in re.findall(
           r"^I\d{4} (\d+):(\d+):([\d.]+) .*\] step (\d+)/", log, re.M
       )
   }
-  return {
-      step: (times[step + 1] - times[step]) % 86400
-      for step in times
-      if step + 1 in times
-  }
+
+
+def draw_kill(
+    rng: random.Random, times: dict[int, float], lowest: int, highest: int
+) -> tuple[int, float]:
+  """A moment drawn uniformly in time from the uninterrupted run's span from
+  step `lowest` to step `highest` + 1, as (the step logged last before it,
+  seconds after that step's line)."""
+  moment = rng.uniform(times[lowest], times[highest + 1])
+  after = max(s for s in range(lowest, highest + 1) if times[s] <= moment)
+  return after, moment - times[after]
 
 
 def activity(model_dir: str, log: str) -> str:
@@ -250,13 +256,16 @@ def main() -> None:
       train_args(reference, *settings),
       os.path.join(flags.workdir, "reference.log"),
   )
-  gaps = step_gaps(log)
+  times = step_times(log)
   print(
       f"uninterrupted run: {flags.steps} steps in {time.time() - started:.0f}"
-      f" s, {sum(gaps.values()):.0f} s of them between its first and last "
-      "step (saves and evaluations included)",
+      f" s, {times[flags.steps] - times[1]:.0f} s of them from its first to "
+      "its last step (saves and evaluations included)",
       flush=True,
   )
+  # Each kill lands within the next `window` steps of the restart, so the
+  # kills spread over the run instead of piling up near its end.
+  window = 2 * flags.checkpoint_period
 
   args = train_args(killed, *settings)
   for kill_number in range(1, flags.kills + 1):
@@ -267,14 +276,14 @@ def main() -> None:
       raise RuntimeError(f"attempt {kill_number} ended; see {log_path}")
     resumed = re.search(r"Resumed from step (\d+)", open(log_path).read())
     resumed_from = int(resumed.group(1)) if resumed else 0
-    # A random moment: after a random step, somewhere in the time the
-    # uninterrupted run spent until its next step (a step, a checkpoint
-    # write or an evaluation). Never after the second-to-last step.
+    # A random moment, uniform in the time the uninterrupted run spent on
+    # the same steps (steps, checkpoint writes, evaluations); never after
+    # the second-to-last step.
     lowest = int(first.group(1))
-    after = rng.randint(lowest, max(flags.steps - 2, lowest))
+    highest = max(min(lowest + window, flags.steps - 2), lowest)
+    after, delay = draw_kill(rng, times, lowest, highest)
     if wait_for(process, log_path, rf"step {after}/", 1200) is None:
       raise RuntimeError(f"attempt {kill_number} ended; see {log_path}")
-    delay = rng.uniform(0, gaps[after])
     # The kill lands at the drawn moment, or when the next step is logged if
     # this attempt runs faster than the reference did.
     started = time.time()
