@@ -4,7 +4,7 @@ Every checkpoint saves the run's meta (`trainer.build_run`): the feature
 space, the network config, the trainable patterns and the base reference.
 `differences(saved, current)` lists what a new configuration changes in
 what is trained: another feature vocabulary or ranks, another model size,
-another trainable set, another base. Settings that only change how it is
+another trainable set, another base, another token vocabulary. Settings that only change how it is
 computed or regularised (dtype, dropout, the adapter strategy, layer
 scanning, rematerialisation) may change on a restart.
 
@@ -34,6 +34,9 @@ COMPUTATION_FIELDS = frozenset(
 )
 # Feature group fields that are training hyperparameters.
 FEATURE_HYPERPARAMETERS = frozenset({"dropout"})
+# What identifies a recorded vocabulary (`flix.vocabularies.record`); its
+# file paths may change.
+VOCABULARY_FIELDS = ("type", "sha256", "extra_ids", "size")
 
 
 class ResumeMismatchError(ValueError):
@@ -134,6 +137,19 @@ def differences(
             list(current.get("trainable_patterns", [])),
         )
     )
+  old_vocabulary, new_vocabulary = saved.get("vocabulary"), current.get(
+      "vocabulary"
+  )
+  if old_vocabulary and new_vocabulary:  # Older runs lack the record.
+    for key in VOCABULARY_FIELDS:
+      if old_vocabulary.get(key) != new_vocabulary.get(key):
+        out.append(
+            Difference(
+                f"vocabulary.{key}",
+                old_vocabulary.get(key),
+                new_vocabulary.get(key),
+            )
+        )
   old_base, new_base = saved.get("base", {}), current.get("base", {})
   if old_base.get("initial_checkpoint") != new_base.get("initial_checkpoint"):
     out.append(

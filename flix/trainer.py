@@ -84,6 +84,7 @@ def build_run(
           jax.tree.map(np.asarray, params),
           initial_checkpoint_path,
           fresh_patterns=train_step_lib.ADAPTER_PATTERNS,
+          config=model.config,
       )
       params = jax.device_put(loaded, param_sharding)
     state = jax.jit(
@@ -328,6 +329,10 @@ def train(
       log_period=(log_period, 1),
       eval_period=(eval_period, 0),
   )
+  from flix import vocabularies  # pylint: disable=g-import-not-at-top
+
+  vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
+  vocabularies.check_fits(vocabulary, model.config.vocab_size)
   resume.create_model_dir(model_dir)
   # One writer per MODEL_DIR (process 0 holds it for the run's hosts).
   lock = (
@@ -338,9 +343,12 @@ def train(
   with lock:
     resume_step = resume.prepare(
         model_dir,
-        describe_run(
-            model, trainable_patterns, initial_checkpoint_path, random_seed
-        ),
+        {
+            **describe_run(
+                model, trainable_patterns, initial_checkpoint_path, random_seed
+            ),
+            vocabularies.META_KEY: vocabularies.record(vocabulary),
+        },
     )
     if operative_config is not None:
       with open(os.path.join(model_dir, "config.gin"), "w") as f:
@@ -354,6 +362,7 @@ def train(
         num_partitions,
         num_microbatches,
     )
+    run.meta[vocabularies.META_KEY] = vocabularies.record(vocabulary, model_dir)
     partitioning.check_batch_size(batch_size, run.mesh)
     logging.info(
         "Trainable params: %d of %d (%s).",
