@@ -284,13 +284,13 @@ def main() -> None:
     after, delay = draw_kill(rng, times, lowest, highest)
     if wait_for(process, log_path, rf"step {after}/", 1200) is None:
       raise RuntimeError(f"attempt {kill_number} ended; see {log_path}")
-    # The kill lands at the drawn moment, or when the next step is logged if
-    # this attempt runs faster than the reference did.
+    # The kill lands at the drawn moment after that step, or at the end of
+    # the window if this attempt runs faster than the reference did.
     started = time.time()
     poll(
         process,
         lambda: time.time() - started >= delay
-        or re.search(rf"step {after + 1}/", open(log_path).read()),
+        or re.search(rf"step {highest + 1}/", open(log_path).read()),
         1200,
     )
     delay = time.time() - started
