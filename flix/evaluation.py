@@ -129,12 +129,14 @@ def evaluate_tasks(
   Returns:
     (result rows, prediction records with inputs/target/prediction/features).
   """
-  rows, records = [], []
+  rows, records, truncations = [], [], []
   for task_name in task_names:
     task = seqio.get_mixture_or_task(task_name)
-    examples = input_pipeline.task_examples(
-        task_name, split, task_feature_lengths, max_examples_per_task
-    )
+    with featurized.count_truncation() as truncation:
+      examples = input_pipeline.task_examples(
+          task_name, split, task_feature_lengths, max_examples_per_task
+      )
+    truncations.append((task_name, truncation))
     if not examples:
       logging.warning("Task %s has no %s examples; skipped.", task_name, split)
       continue
@@ -176,6 +178,11 @@ def evaluate_tasks(
       for metric_fn in task.predict_metric_fns:
         values.update(metric_fn(targets, preds))
       rows.extend(result_rows(task_name, dict(key), values, len(targets), seen))
+  message = featurized.describe_truncations(
+      truncations, task_feature_lengths, f"{split} examples read"
+  )
+  if message:
+    logging.warning("%s", message)
   return rows, records
 
 
