@@ -11,8 +11,10 @@ A run's checkpoint `MODEL_DIR/checkpoints/<step>/` holds three items:
              (`flix.vocabularies`)
 
 Orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a crash mid-save leaves the previous checkpoint as the latest.
-The frozen base is not saved again: it is rebuilt from the base reference.
+complete, so a crash mid-save leaves the previous checkpoint as the latest;
+`flix.checkpoint_integrity` checksums every step just before that commit,
+and a restart or a reader takes the newest step that is intact. The frozen
+base is not saved again: it is rebuilt from the base reference.
 
 A run trained by T5X's driver (`python -m t5x.train`, see `flix.t5x_driver`)
 has T5X's checkpoints `MODEL_DIR/checkpoint_<step>/` (all params) and the
@@ -39,8 +41,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from flix import checkpoint_integrity
 from flix import features as features_lib
 from flix import layers
+from flix import run_meta as run_meta_lib
 
 PyTree = Any
 
@@ -80,38 +84,17 @@ def run_meta(
   return meta
 
 
-def check_feature_space(
-    saved: Optional[Mapping[str, Any]],
-    space: Optional[features_lib.FeatureSpace],
-    where: str,
-) -> None:
-  """Raises if a run's saved feature vocabulary is not `space`'s."""
-  current = space.to_dict() if space is not None else None
-  if saved != current:
-    raise ValueError(
-        f"The feature vocabulary saved in {where} differs from this run's; "
-        "adapters would map to the wrong features. Resume with the same "
-        f"mixture and FLix config. Saved: {json.dumps(saved)[:300]}; now: "
-        f"{json.dumps(current)[:300]}"
-    )
-
-
 def write_run_info(model_dir: str, meta: Mapping[str, Any]) -> str:
   """Writes a T5X-trained run's meta to MODEL_DIR/flix_run.json.
 
-  A run restarted with another feature vocabulary is an error.
+  A restart that trains something else is an error
+  (`flix.run_meta.check_resumable`).
   """
   path = os.path.join(model_dir, RUN_INFO_FILE)
   if tf_gfile().exists(path):
     with tf_gfile().GFile(path) as f:
       saved = json.load(f)
-    check_feature_space(
-        saved.get("feature_space"),
-        features_lib.FeatureSpace.from_dict(meta["feature_space"])
-        if meta.get("feature_space")
-        else None,
-        path,
-    )
+    run_meta_lib.check_resumable(saved, meta, path)
   tf_gfile().makedirs(model_dir)
   with tf_gfile().GFile(path, "w") as f:
     f.write(json.dumps(dict(meta), indent=1, ensure_ascii=False))
@@ -172,15 +155,36 @@ def checkpoint_dir(model_dir: str) -> str:
 
 
 class Checkpointer:
-  """Periodic, atomic Orbax checkpoints of (params, opt_state, meta)."""
+  """Periodic, atomic, checksummed Orbax checkpoints of (params, opt_state,
+  meta)."""
 
   def __init__(self, model_dir: str, keep: Optional[int] = 3):
     self.directory = checkpoint_dir(model_dir)
+    self._saving: Optional[int] = None
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            # Removes the temporary directories of saves a kill interrupted.
+            cleanup_tmp_directories=True,
+            async_options=ocp.AsyncOptions(
+                post_finalization_callback=self._record_checksums
+            ),
+        ),
         item_names=("params", "opt_state", "meta"),
     )
+
+  def _record_checksums(self) -> None:
+    """Runs in Orbax's save thread after the items are written, before the
+    commit (rename): the manifest is committed with them."""
+    if jax.process_index() != 0 or self._saving is None:
+      return
+    step_dir = checkpoint_integrity.pending_step_dir(
+        self.directory, self._saving
+    )
+    if step_dir is not None:
+      checkpoint_integrity.write_manifest(step_dir, self._saving)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -193,6 +197,8 @@ class Checkpointer:
       meta: Mapping[str, Any],
       force: bool = False,
   ) -> bool:
+    self.manager.wait_until_finished()
+    self._saving = step
     saved = self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -211,14 +217,23 @@ class Checkpointer:
       self, step: int, abstract_params: PyTree, abstract_opt_state: PyTree
   ):
     """Restores (params, opt_state, meta) onto the given abstract targets."""
-    restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
+    try:
+      restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+              params=ocp.args.StandardRestore(abstract_params),
+              opt_state=ocp.args.StandardRestore(abstract_opt_state),
+              meta=ocp.args.JsonRestore(),
+          ),
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax/TensorStore errors are long and many-typed; name the step.
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      raise ValueError(
+          f"Checkpoint step {step} in {self.directory} cannot be restored "
+          f"({type(e).__name__}: {first_line[:300]}); move it out of "
+          f"{self.directory} to resume from an earlier step."
+      ) from e
     return restored["params"], restored["opt_state"], restored["meta"]
 
   def close(self) -> None:
@@ -227,19 +242,44 @@ class Checkpointer:
 
 
 def resolve_step_dir(path: str) -> str:
-  """Accepts a MODEL_DIR, its checkpoints/ dir, or one step's dir."""
+  """The intact step directory of a MODEL_DIR, its checkpoints/ dir, or one
+  step's dir (which must be intact); newer damaged steps are skipped with a
+  warning naming the damage."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "params")):
+    problem = checkpoint_integrity.verify(path)
+    if problem:
+      raise ValueError(f"Checkpoint {path} is damaged: {problem}.")
     return path
   for candidate in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(candidate):
-      steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
-      if steps:
-        return os.path.join(candidate, str(max(steps)))
+    step, damaged = checkpoint_integrity.latest_intact_step(candidate)
+    for bad in damaged:
+      logging.warning("Skipping damaged checkpoint %s.", bad)
+    if step is not None:
+      return os.path.join(candidate, str(step))
+    if damaged:
+      raise ValueError(
+          f"No intact checkpoint in {candidate}: "
+          + "; ".join(str(d) for d in damaged)
+          + "."
+      )
   raise FileNotFoundError(
       f"No flix checkpoint at {path}: expected a step directory with "
       "params/ and meta/, or a MODEL_DIR whose checkpoints/ holds some."
   )
+
+
+def read_step_meta(step_dir: str) -> dict[str, Any]:
+  """The meta dict of one step directory (not verified again)."""
+  # Orbax's JsonSave writes the item as <step>/meta/metadata.
+  meta_path = os.path.join(step_dir, "meta", "metadata")
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(
+        f"Checkpoint file {meta_path} is missing: it holds the run's feature "
+        "vocabulary and config, without which the adapters cannot be used."
+    )
+  with open(meta_path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -253,11 +293,7 @@ def read_meta(path: str) -> dict[str, Any]:
         _T5X_STEP_DIR.match(os.path.basename(t5x_step_dir(path))).group(1)
     )
     return meta
-  # Orbax's JsonSave writes the item as <step>/meta/metadata.
-  with open(
-      os.path.join(resolve_step_dir(path), "meta", "metadata"), encoding="utf-8"
-  ) as f:
-    return json.load(f)
+  return read_step_meta(resolve_step_dir(path))
 
 
 def read_flix_checkpoint(path: str):
@@ -275,6 +311,19 @@ def read_flix_checkpoint(path: str):
   return jax.tree.map(np.asarray, params), read_meta(step_dir)
 
 
+def read_train_state(path: str):
+  """(trained params, optimizer state, meta) of a flix checkpoint as numpy
+  trees, e.g. to compare two runs."""
+  step_dir = resolve_step_dir(path)
+  checkpointer = ocp.StandardCheckpointer()
+  trees = [
+      jax.tree.map(np.asarray, checkpointer.restore(os.path.join(step_dir, i)))
+      for i in ("params", "opt_state")
+  ]
+  checkpointer.close()
+  return trees[0], trees[1], read_step_meta(step_dir)
+
+
 def _is_t5x_step(path: str) -> bool:
   """A legacy T5X checkpoint (msgpack `checkpoint` file) or a T5X Orbax one
   (`state/`), not a flix step directory."""
@@ -288,9 +337,29 @@ def _is_t5x_step(path: str) -> bool:
 
 
 def _is_hf(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and any(
-      f.endswith((".safetensors", ".bin")) for f in os.listdir(path)
+  return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _looks_like_t5x(path: str) -> bool:
+  """A directory of T5X zarr leaves (`target.encoder...`) without its
+  `checkpoint` msgpack file."""
+  return os.path.isdir(path) and any(
+      name.startswith(("target.", "state.")) for name in os.listdir(path)
   )
+
+
+def _is_flix(path: str) -> bool:
+  return any(
+      os.path.isdir(os.path.join(path, *parts))
+      for parts in (("params",), ("checkpoints",))
+  ) or bool(checkpoint_integrity.step_dirs(path))
+
+
+_FORMATS = (
+    "a T5X checkpoint directory (…/checkpoint_1000000, with its `checkpoint` "
+    "file), a Hugging Face mT5 directory (config.json + model.safetensors) "
+    "or a flix MODEL_DIR"
+)
 
 
 def load_any_params(path: str) -> PyTree:
@@ -301,18 +370,31 @@ def load_any_params(path: str) -> PyTree:
     return t5x_checkpoint.read_t5x_checkpoint(path)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"INITIAL_CHECKPOINT_PATH {path} does not exist. Give a T5X "
-        "checkpoint directory (…/checkpoint_1000000), a Hugging Face mT5 "
-        "directory (config.json + model.safetensors) or a flix MODEL_DIR."
+        f"INITIAL_CHECKPOINT_PATH {path} does not exist. Give {_FORMATS}."
     )
   if _is_hf(path):
     from flix import hf_checkpoint  # pylint: disable=g-import-not-at-top
 
+    if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
+      raise FileNotFoundError(
+          f"{path} has a Hugging Face config.json but no weights "
+          "(model.safetensors, pytorch_model.bin or their .index.json "
+          "shards)."
+      )
     return hf_checkpoint.hf_to_t5x(hf_checkpoint.read_hf_checkpoint(path))
   if _is_t5x_step(path):
     from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
 
     return t5x_checkpoint.read_t5x_checkpoint(path)
+  if _looks_like_t5x(path):
+    raise FileNotFoundError(
+        f"{path} holds T5X parameter folders but no `checkpoint` file (the "
+        "msgpack index T5X writes last); the checkpoint is incomplete."
+    )
+  if not _is_flix(path):
+    raise ValueError(
+        f"{path} is not a checkpoint flix can read: give {_FORMATS}."
+    )
   params, meta = read_flix_checkpoint(path)
   base = meta.get("base", {})
   if base.get("initial_checkpoint"):

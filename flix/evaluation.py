@@ -133,7 +133,7 @@ def evaluate_tasks(
   Returns:
     (result rows, prediction records with inputs/target/prediction/features).
   """
-  rows, records = [], []
+  rows, records, truncations = [], [], []
   for task_name in task_names:
     task = seqio.get_mixture_or_task(task_name)
     key = (
@@ -143,11 +143,13 @@ def evaluate_tasks(
         max_examples_per_task,
     )
     if examples_cache is not None and key in examples_cache:
-      examples = examples_cache[key]
+      examples = examples_cache[key]  # Its truncations were reported then.
     else:
-      examples = input_pipeline.task_examples(
-          task_name, split, task_feature_lengths, max_examples_per_task
-      )
+      with featurized.count_truncation() as truncation:
+        examples = input_pipeline.task_examples(
+            task_name, split, task_feature_lengths, max_examples_per_task
+        )
+      truncations.append((task_name, truncation))
       if examples_cache is not None:
         examples_cache[key] = examples
     if not examples:
@@ -191,6 +193,11 @@ def evaluate_tasks(
       for metric_fn in task.predict_metric_fns:
         values.update(metric_fn(targets, preds))
       rows.extend(result_rows(task_name, dict(key), values, len(targets), seen))
+  message = featurized.describe_truncations(
+      truncations, task_feature_lengths, f"{split} examples read"
+  )
+  if message:
+    logging.warning("%s", message)
   return rows, records
 
 

@@ -13,41 +13,26 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
+import tensorflow as tf
+
 from flix import checkpoints
 from flix import evaluation
 from flix import feature_converter
 from flix import input_pipeline
+from flix import jsonl_records
 from flix import models
 from flix import vocabularies
 
 
 def read_featurized_inputs(path: str) -> list[dict[str, Any]]:
-  """Reads `{"inputs", "features"}` lines; errors name file and line."""
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not valid JSON ({e}).") from e
-      if not isinstance(record, dict) or not isinstance(
-          record.get("inputs"), str
-      ):
-        raise ValueError(
-            f"{path}:{number}: expected an object with a string 'inputs'."
-        )
-      features = record.get("features", {})
-      if not isinstance(features, dict):
-        raise ValueError(f"{path}:{number}: 'features' must be an object.")
-      records.append(
-          {
-              "inputs": record["inputs"],
-              "features": {k: str(v) for k, v in features.items()},
-          }
-      )
-  return records
+  """Reads `{"inputs", "features"}` lines (`flix.jsonl_records`; `targets`
+  optional); errors name file and line."""
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"INPUT_FILE {path} does not exist.")
+  return [
+      {"inputs": record.inputs, "features": record.features}
+      for record in jsonl_records.read_records(path, targets_required=False)
+  ]
 
 
 def write_predictions(

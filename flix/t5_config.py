@@ -255,5 +255,8 @@ PRESETS: dict[str, T5Config] = {
 def preset(name: str, **overrides: Any) -> T5Config:
   """A `PRESETS` config with fields replaced: `preset('tiny', dtype=...)`."""
   if name not in PRESETS:
-    raise KeyError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.")
+    raise ValueError(
+        f"Unknown network preset {name!r}; presets: "
+        f"{', '.join(sorted(PRESETS))}."
+    )
   return dataclasses.replace(PRESETS[name], **overrides)

@@ -198,7 +198,13 @@ def make_train_step(
     tx: optax.GradientTransformation,
     num_microbatches: int = 1,
 ) -> Callable:
-  """Builds `train_step(state, batch, rng) -> (state, metrics)` (not jitted)."""
+  """Builds `train_step(state, batch, rng) -> (state, metrics)` (not jitted).
+
+  The rng of a step is `fold_in(rng, state.step)`: a function of the seed
+  and the step only, so a resumed run draws what an uninterrupted one does.
+  `metrics['nonfinite']` is 1.0 when the step was not applied (non-finite
+  loss, gradient norm or update norm).
+  """
 
   def train_step(state: TrainState, batch, rng):
     dropout_rng, feature_rng = jax.random.split(
@@ -263,9 +269,22 @@ def make_train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    # A non-finite loss, gradient or update is not applied: the state stays
+    # the last good one, and the trainer stops or skips the step.
+    finite = (
+        jnp.isfinite(metrics["loss"])
+        & jnp.isfinite(metrics["grad_norm"])
+        & jnp.isfinite(optax.global_norm(updates))
+    )
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    keep_if_finite = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old
+    )
     return (
         state.replace(
-            step=state.step + 1, trainable=trainable, opt_state=opt_state
+            step=state.step + 1,
+            trainable=keep_if_finite(trainable, state.trainable),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
         ),
         metrics,
     )
