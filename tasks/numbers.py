@@ -490,3 +490,31 @@ def register_numbers(
 
 
 DEFAULT = register_numbers()
+
+# The demo's grow step (README "Grow a trained model"): Dutch, which the demo
+# model never saw, in every task but one held out (a new language with an old
+# task, zero-shot); `numbers_multitask_nl` trains it. Old and new pairs
+# together: `numbers_multitask_with_nl` (retraining from scratch) and
+# `numbers_multitask_eval_with_nl` (evaluation).
+GROW_LANGUAGE = "nl"
+GROWN = register_numbers(
+    languages=(GROW_LANGUAGE,),
+    held_out=(("ordinal", GROW_LANGUAGE),),
+    suffix=f"_{GROW_LANGUAGE}",
+)
+featurized.add_mixture(
+    f"numbers_multitask_with_{GROW_LANGUAGE}",
+    [
+        (r.task_names[p], r.num_examples[p]["train"])
+        for r in (DEFAULT, GROWN)
+        for p in r.train_pairs
+    ],
+)
+featurized.add_mixture(
+    f"numbers_multitask_eval_with_{GROW_LANGUAGE}",
+    [
+        (r.task_names[p], r.num_examples[p]["train"])
+        for r in (DEFAULT, GROWN)
+        for p in r.pairs
+    ],
+)
