@@ -497,24 +497,31 @@ DEFAULT = register_numbers()
 # together: `numbers_multitask_with_nl` (retraining from scratch) and
 # `numbers_multitask_eval_with_nl` (evaluation).
 GROW_LANGUAGE = "nl"
+GROW_HELD_OUT = (("ordinal", GROW_LANGUAGE),)
+# Registered without a held-out pair (whose task would have no training pair
+# of this language only, a warning); the training mixture is replaced below.
 GROWN = register_numbers(
-    languages=(GROW_LANGUAGE,),
-    held_out=(("ordinal", GROW_LANGUAGE),),
-    suffix=f"_{GROW_LANGUAGE}",
+    languages=(GROW_LANGUAGE,), held_out=(), suffix=f"_{GROW_LANGUAGE}"
+)
+
+
+def _rated_pairs(*selected: tuple[NumbersRegistration, Iterable]):
+  return [
+      (registration.task_names[p], registration.num_examples[p]["train"])
+      for registration, pairs in selected
+      for p in pairs
+  ]
+
+
+_GROW_TRAIN_PAIRS = [p for p in GROWN.pairs if p not in GROW_HELD_OUT]
+featurized.add_mixture(
+    GROWN.train_mixture, _rated_pairs((GROWN, _GROW_TRAIN_PAIRS))
 )
 featurized.add_mixture(
     f"numbers_multitask_with_{GROW_LANGUAGE}",
-    [
-        (r.task_names[p], r.num_examples[p]["train"])
-        for r in (DEFAULT, GROWN)
-        for p in r.train_pairs
-    ],
+    _rated_pairs((DEFAULT, DEFAULT.train_pairs), (GROWN, _GROW_TRAIN_PAIRS)),
 )
 featurized.add_mixture(
     f"numbers_multitask_eval_with_{GROW_LANGUAGE}",
-    [
-        (r.task_names[p], r.num_examples[p]["train"])
-        for r in (DEFAULT, GROWN)
-        for p in r.pairs
-    ],
+    _rated_pairs((DEFAULT, DEFAULT.pairs), (GROWN, GROWN.pairs)),
 )
