@@ -387,7 +387,18 @@ def evaluate(
     mixtures += run.meta.get(grow.META_KEY, {}).get("training_mixtures", [])
   seen = None
   if mixtures:
-    seen = set().union(*(featurized.seen_pairs(name) for name in mixtures))
+    seen = set()
+    for name in dict.fromkeys(mixtures):
+      if name in seqio.MixtureRegistry.names() or (
+          name in seqio.TaskRegistry.names()
+      ):
+        seen |= featurized.seen_pairs(name)
+      else:
+        logging.warning(
+            "Training mixture %r is not registered here: the zero-shot flags "
+            "ignore the pairs it trained.",
+            name,
+        )
   rows, records = evaluate_tasks(
       model,
       params,

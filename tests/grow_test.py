@@ -21,6 +21,7 @@ import conftest
 from flix import checkpoints
 from flix import evaluation
 from flix import feature_converter
+from flix import features as features_lib
 from flix import featurized
 from flix import grow
 from flix import input_pipeline
@@ -383,6 +384,17 @@ def test_grow_run_without_new_values_or_into_its_source_is_an_error(
     trainer.train(**_train_kwargs(runs, runs["original"]))
   with pytest.raises(FileNotFoundError, match="GROW_FROM"):
     grow.Growth.load(str(tmp_path / "missing"))
+
+
+def test_t5x_driver_refuses_to_grow():
+  pytest.importorskip("t5x")
+  from flix import t5x_driver  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match="python -m flix.train only"):
+    t5x_driver.fresh_params_assignment_map(
+        features_lib.FeatureSpace.lora(), grow_from="/run"
+    )
+  assert t5x_driver.fresh_params_assignment_map(None, grow_from=None)
 
 
 @pytest.mark.parametrize(
