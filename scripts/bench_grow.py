@@ -21,6 +21,7 @@ pairs' metrics of the original and the grown run must be identical.
 
     python scripts/bench_grow.py [--original /tmp/flix_demo/flix]
         [--grow_steps 150] [--retrain_steps 300] [--eval_examples 24]
+        [--batch_size 32]
         [--output /tmp/flix_demo/bench_grow.json]
 """
 
@@ -60,7 +61,7 @@ RETRAIN_MIXTURE = f"numbers_multitask_with_{numbers.GROW_LANGUAGE}"
 EVAL_MIXTURE = f"numbers_multitask_eval_with_{numbers.GROW_LANGUAGE}"
 # The demo's settings (configs/demo.gin).
 LENGTHS = {"inputs": 32, "targets": 64}
-BATCH_SIZE, RANK, DROPOUT, LEARNING_RATE = 32, 4, 0.2, 3e-3
+RANK, DROPOUT, LEARNING_RATE = 4, 0.2, 3e-3
 
 
 def _model(space) -> models.FlixModel:
@@ -69,10 +70,10 @@ def _model(space) -> models.FlixModel:
   )
 
 
-def _timed_run(name, model, optimizer, base, seed, mixture):
+def _timed_run(name, model, optimizer, base, seed, mixture, batch_size):
   run = trainer.build_run(model, optimizer, "adapters", base, seed)
   batches = input_pipeline.train_batches(
-      mixture, LENGTHS, BATCH_SIZE, model.feature_space, seed=seed
+      mixture, LENGTHS, batch_size, model.feature_space, seed=seed
   )
   return {"name": name, "run": run, "batches": batches, "times": []}
 
@@ -117,6 +118,7 @@ def main():
   parser.add_argument("--grow_steps", type=int, default=150)
   parser.add_argument("--retrain_steps", type=int, default=None)
   parser.add_argument("--eval_examples", type=int, default=24)
+  parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output", default=None)
   args = parser.parse_args()
@@ -139,6 +141,7 @@ def main():
       base,
       args.seed,
       GROW_MIXTURE,
+      args.batch_size,
   )
   growth.check(grown["run"].meta)
   grown["run"].state = grown["run"].state.replace(
@@ -151,6 +154,7 @@ def main():
       base,
       args.seed,
       RETRAIN_MIXTURE,
+      args.batch_size,
   )
   rng = jax.random.PRNGKey(args.seed + 1)
   for entry in (grown, retrained):  # Compiles; not timed.
