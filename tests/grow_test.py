@@ -449,3 +449,43 @@ def test_freeze_rows_keeps_old_rows_bit_identical(optimizer):
       grow.trained_param_count(params, {"language": 3, "task": 2})
       == 2 * 18 + 2 * 12 + 0 + 24
   )
+
+
+def test_a_new_value_of_higher_rank_pads_the_old_rows_with_zeros(
+    runs, tmp_path
+):
+  """A Dutch rank of 6 over the saved rank 4: the arrays grow to R = 6; old
+  rows keep their 4 columns bit for bit and the padding is zero."""
+  space = featurized.feature_space(
+      "numbers_multitask_nl",
+      ranks=4,
+      dropout=0.2,
+      value_ranks={"language": {NEW: 6}},
+      grow_from=runs["original"],
+  )
+  assert space.group("language").rank_of(NEW) == 6
+  model_dir = str(tmp_path / "rank6")
+  trainer.train(
+      **_train_kwargs(
+          runs,
+          model_dir,
+          model=models.FlixModel(network.preset("tiny", feature_space=space)),
+          checkpoint_period=1,
+      )
+  )
+  old, _ = checkpoints.read_flix_checkpoint(runs["original"])
+  new, meta = checkpoints.read_flix_checkpoint(model_dir)
+  assert meta["feature_space"] == space.to_dict()
+  old, new = _flat(old), _flat(new)
+  for name in [n for n in old if n.endswith("lora_a_language")]:
+    assert old[name].shape[2] == 4 and new[name].shape[2] == 6
+    np.testing.assert_array_equal(
+        _bits(new[name][:-1, :, :4]), _bits(old[name]), err_msg=name
+    )
+    assert not new[name][:-1, :, 4:].any()
+  for name in [n for n in old if n.endswith("lora_b_language")]:
+    np.testing.assert_array_equal(
+        _bits(new[name][:-1, :4]), _bits(old[name]), err_msg=name
+    )
+    assert not new[name][:-1, 4:].any()
+    assert new[name][-1].any()  # Dutch trained (one step)
