@@ -122,17 +122,10 @@ def data(tmp_path_factory):
 
 def _closure(files) -> set[str]:
   """The gin files and everything they include (repository-relative)."""
-  found = set()
-
-  def visit(relative: str):
-    found.add(relative)
-    for line in (REPO / relative).read_text().splitlines():
-      if line.startswith("include "):
-        visit(line.split("'")[1])
-
-  for f in files:
-    visit(f)
-  return found
+  return {
+      str(pathlib.Path(p).relative_to(REPO))
+      for p in gin_utils.config_files(files, [str(REPO)])
+  }
 
 
 def _bindings(name: str, files, kind: str, data) -> list[str]:
@@ -155,12 +148,17 @@ def _bindings(name: str, files, kind: str, data) -> list[str]:
   if name == "demo_infer":  # Its INPUT_FILE is flix's only; T5X's needs a task.
     bindings.append("MIXTURE_OR_TASK_NAME = 'numbers_ordinal_fr'")
   if kind == "train":
-    return bindings + [f"MODEL_DIR = '{data['out']}'", "TRAIN_STEPS = 2"]
-  return bindings + [
-      f"CHECKPOINT_PATH = '{data['run']}'",
-      f"EVAL_OUTPUT_DIR = '{data['out']}'",
-      f"INFER_OUTPUT_DIR = '{data['out']}'",
-  ]
+    bindings += [f"MODEL_DIR = '{data['out']}'", "TRAIN_STEPS = 2"]
+  else:
+    bindings += [
+        f"CHECKPOINT_PATH = '{data['run']}'",
+        f"EVAL_OUTPUT_DIR = '{data['out']}'",
+        f"INFER_OUTPUT_DIR = '{data['out']}'",
+    ]
+  # Only what the files use: binding a macro nothing uses is an error when
+  # it looks like a misspelt one (gin_utils.check_macro_bindings).
+  used = gin_utils.referenced_macros(gin_utils.config_files(files, [str(REPO)]))
+  return [b for b in bindings if "." in b.split("=")[0] or b.split()[0] in used]
 
 
 def _file_macros(files) -> set[str]:
@@ -419,14 +417,17 @@ sys.modules['t5x'] = None  # t5x and everything under it fail to import
 import gin
 from flix import gin_utils
 cases = {json.dumps([[f, k] for _, f, k, _ in CASES])}
+bindings = [
+    "MODEL_DIR = '/x'", "TRAIN_STEPS = 1", "CHECKPOINT_PATH = '/x'",
+    "EVAL_OUTPUT_DIR = '/x'", "INFER_OUTPUT_DIR = '/x'",
+    "XTREME_UP_DIR = '/x'", "XTREME_UP_HOLDOUT = []", "TRAIN_FILES = '/x'",
+    "GROW_FROM = None",
+    "TASK_FEATURE_LENGTHS = {{'inputs': 8, 'targets': 8}}"]
 for files, kind in cases:
   gin.clear_config()
-  gin_utils.parse_gin(files + [{TINY!r}], [
-      "MODEL_DIR = '/x'", "TRAIN_STEPS = 1", "CHECKPOINT_PATH = '/x'",
-      "EVAL_OUTPUT_DIR = '/x'", "INFER_OUTPUT_DIR = '/x'",
-      "XTREME_UP_DIR = '/x'", "XTREME_UP_HOLDOUT = []", "TRAIN_FILES = '/x'",
-      "GROW_FROM = None",
-      "TASK_FEATURE_LENGTHS = {{'inputs': 8, 'targets': 8}}"])
+  used = gin_utils.referenced_macros(gin_utils.config_files(files))
+  gin_utils.parse_gin(
+      files + [{TINY!r}], [b for b in bindings if b.split()[0] in used])
 assert 't5x.models' not in sys.modules and 'flix.t5x_model' not in sys.modules
 print('parsed', len(cases))
 """
