@@ -40,6 +40,7 @@ import num2words
 import numpy as np
 import seqio
 
+from flix import featurized
 from flix_tasks import combinations
 
 TASKS = ("cardinal", "ordinal", "year", "currency")
@@ -387,3 +388,53 @@ def register_numbers(
 
 
 DEFAULT = register_numbers()
+
+# The demo's grow step (README "Grow a trained model"): Dutch, which the demo
+# model never saw, in every task but one held out (a new language with an old
+# task, zero-shot).
+GROW_LANGUAGE = "nl"
+GROW_HELD_OUT = (("ordinal", GROW_LANGUAGE),)
+
+
+def register_grown(
+    base: combinations.Registration, suffix: str = "", **kwargs
+) -> combinations.Registration:
+  """Registers `GROW_LANGUAGE`'s tasks next to `base`'s, and the mixtures.
+
+  `numbers_multitask_nl<suffix>` trains the new language (its held-out pair
+  excluded); old and new pairs together: `numbers_multitask_with_nl<suffix>`
+  (retraining from scratch) and `numbers_multitask_eval_with_nl<suffix>`
+  (evaluation). `kwargs` go to `register_numbers` (use `base`'s
+  `max_number` and `vocabulary`).
+  """
+  # Registered without a held-out pair (whose task would have no training
+  # pair of this language only, a warning); its training mixture is
+  # replaced below.
+  grown = register_numbers(
+      languages=(GROW_LANGUAGE,),
+      held_out=(),
+      suffix=f"_{GROW_LANGUAGE}{suffix}",
+      **kwargs,
+  )
+  train_pairs = [p for p in grown.pairs if p not in GROW_HELD_OUT]
+
+  def rated(*selected):
+    return [
+        (registration.task_names[p], registration.num_examples[p]["train"])
+        for registration, pairs in selected
+        for p in pairs
+    ]
+
+  featurized.add_mixture(grown.train_mixture, rated((grown, train_pairs)))
+  featurized.add_mixture(
+      f"numbers_multitask_with_{GROW_LANGUAGE}{suffix}",
+      rated((base, base.train_pairs), (grown, train_pairs)),
+  )
+  featurized.add_mixture(
+      f"numbers_multitask_eval_with_{GROW_LANGUAGE}{suffix}",
+      rated((base, base.pairs), (grown, grown.pairs)),
+  )
+  return grown
+
+
+GROWN = register_grown(DEFAULT)

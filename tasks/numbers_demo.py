@@ -17,6 +17,9 @@ Registered at import:
   numbers_multitask_demo            FLix training (held-out pairs excluded)
   numbers_multitask_eval_demo       every pair
   numbers_<task>_<language>_demo    one task per pair
+  numbers_multitask_nl_demo         the grow stage's Dutch pairs (one held
+                                    out; configs/demo_grow.gin)
+  numbers_multitask_eval_with_nl_demo   old and Dutch pairs
 
 The vocabulary is trained on first import (seconds) and cached under
 $FLIX_CACHE_DIR (default ~/.cache/flix). Gin binds the model's embedding
@@ -78,4 +81,9 @@ PRETRAIN = numbers_pretrain.register_pretrain(
     digits_rate=DIGITS_RATE,
     copies=COPIES,
     prefix_rate=PREFIX_RATE,
+)
+# The grow stage: Dutch, a language the base and the vocabulary never saw
+# (its letters are those of the other Latin-script languages).
+GROWN = numbers.register_grown(
+    REGISTRATION, "_demo", max_number=MAX_NUMBER, vocabulary=VOCABULARY
 )
