@@ -10,6 +10,10 @@ A `FlixModel` binds a `network.Transformer` to the batch layout produced by
 
 Feature dropout happens here, in training only: one draw per (example, group),
 shared by the example's encoder and decoder tokens.
+
+Params may be given per layer (the public layout), stacked, or mixed; every
+method puts them in the network's layout (`layer_layout.to_layout`), which is a
+no-op for leaves already in it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 from flix import decoding
 from flix import features as features_lib
+from flix import layer_layout
 from flix import network
 
 Array = jax.Array
@@ -141,8 +146,12 @@ class FlixModel:
         enable_dropout=False,
     )["params"]
 
+  def network_layout(self, params: PyTree) -> PyTree:
+    """`params` in the network's layout (stacked layers if it scans them)."""
+    return layer_layout.to_layout(params, self.config.scan_layers)
+
   def init_params(self, rng: Array) -> PyTree:
-    """Initial params as plain arrays (unboxed)."""
+    """Initial params as plain arrays (unboxed), in the network's layout."""
     return nn.unbox(self.init_boxed(rng))
 
   def abstract_params(self) -> PyTree:
@@ -190,7 +199,7 @@ class FlixModel:
     enc_ids, dec_ids = self._dropped_feature_ids(batch, feature_rng)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return self.module.apply(
-        {"params": params},
+        {"params": self.network_layout(params)},
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
         batch["decoder_target_tokens"],
@@ -272,6 +281,7 @@ class FlixModel:
       (tokens int [B, num_decodes, max_decode_length], scores [B, num_decodes])
       best first.
     """
+    params = self.network_layout(params)
     tokens = batch["encoder_input_tokens"]
     enc_ids = self._ids(batch, "encoder")
     # Every decoding step of an example uses that example's features.
@@ -297,6 +307,7 @@ class FlixModel:
         decoder_feature_ids=expand(example_ids),
     )
     batch_size = tokens.shape[0]
+    cache_offset = 1 if self.config.scan_layers else 0  # layers lead
     cache = decoding.init_cache(
         self.module, self.config, batch_size, max_decode_length
     )
@@ -308,6 +319,7 @@ class FlixModel:
           max_decode_len=max_decode_length,
           beam_size=beam_size,
           alpha=alpha,
+          cache_offset=cache_offset,
       )
     if method == "greedy":
       temperature = 0.0
@@ -324,4 +336,5 @@ class FlixModel:
         temperature=temperature,
         topk=topk,
         num_decodes=num_decodes,
+        cache_offset=cache_offset,
     )
