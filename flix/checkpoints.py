@@ -13,9 +13,13 @@ Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a crash mid-save leaves the previous checkpoint as the latest.
 The frozen base is not saved again: it is rebuilt from the base reference.
 
-`load_base_params` reads base weights from any of: a legacy T5X checkpoint
+`load_any_params` reads base weights from any of: a legacy T5X checkpoint
 (public mT5), a Hugging Face mT5 directory, or a flix Orbax checkpoint (whose
 own base is loaded recursively and its trained params merged in).
+
+All of them, flix's own included, hold the per-layer layout
+(`encoder/layers_0/...`); a network with scanned layers gets its params
+stacked by `layer_layout.to_layout` here, after reading.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from flix import features as features_lib
+from flix import layer_layout
 
 PyTree = Any
 META_FILE = "flix_meta.json"
@@ -189,13 +194,17 @@ def restore_base_params(
   mis-shaped one is an error naming it (no silent random init).
 
   Args:
-    target: nested dict of initial arrays (defines names and shapes).
+    target: nested dict of initial arrays (defines names and shapes), per
+      layer or stacked (`layer_layout`).
     path: checkpoint location, see `load_any_params`.
-    fresh_patterns: regexes of params that start fresh.
+    fresh_patterns: regexes of params that start fresh (matched against the
+      per-layer names).
 
   Returns:
-    nested dict like `target`.
+    nested dict like `target`, in its layout.
   """
+  stacked = layer_layout.is_stacked(target)
+  target = layer_layout.unstack_layers(target)
   loaded = traverse_util.flatten_dict(load_any_params(path), sep="/")
   fresh = [re.compile(p) for p in fresh_patterns]
   out, missing, wrong = {}, [], []
@@ -219,7 +228,9 @@ def restore_base_params(
         f"shape ({'; '.join(wrong[:5])}). Check the model gin (sizes) "
         "against the checkpoint."
     )
-  return traverse_util.unflatten_dict(out, sep="/")
+  return layer_layout.to_layout(
+      traverse_util.unflatten_dict(out, sep="/"), stacked
+  )
 
 
 def load_for_inference(model, path: str):
@@ -234,7 +245,7 @@ def load_for_inference(model, path: str):
     path: a MODEL_DIR, its checkpoints/ dir, or one step's dir.
 
   Returns:
-    (model, params as a nested numpy dict, meta dict)
+    (model, params as a nested numpy dict in the network's layout, meta dict)
   """
   trained, meta = read_flix_checkpoint(path)
   space = meta.get("feature_space")
@@ -251,12 +262,15 @@ def load_for_inference(model, path: str):
     # Every base value comes from the checkpoint and every adapter from the
     # run: shapes suffice, nothing needs initialising.
     params = restore_base_params(
-        jax.eval_shape(model.init_params, rng),
+        layer_layout.unstack_layers(jax.eval_shape(model.init_params, rng)),
         base["initial_checkpoint"],
         fresh_patterns=(r".*/lora_[ab]_[^/]*",),
     )
   else:
-    params = jax.tree.map(np.asarray, model.init_params(rng))
+    params = layer_layout.unstack_layers(
+        jax.tree.map(np.asarray, model.init_params(rng))
+    )
+  # Trained params are stored per layer: merge them per layer.
   flat = traverse_util.flatten_dict(params, sep="/")
   for name, value in traverse_util.flatten_dict(trained, sep="/").items():
     if name not in flat or flat[name].shape != value.shape:
@@ -272,4 +286,5 @@ def load_for_inference(model, path: str):
         f"Checkpoint {path} lacks trained params {missing[:5]}; "
         "it does not belong to this model config."
     )
-  return model, traverse_util.unflatten_dict(flat, sep="/"), meta
+  params = model.network_layout(traverse_util.unflatten_dict(flat, sep="/"))
+  return model, params, meta

@@ -28,6 +28,10 @@ Command line (the gin files give the network sizes, as for flix.eval):
       --gin_file=configs/demo_eval.gin --features=task=ordinal,language=fr \\
       --format=peft --output=/tmp/ordinal_fr --base_output=/tmp/base_hf
 
+Exports are per layer (T5X / HF names) whether or not the network scans its
+layers: the functions below take params in either layout
+(`layer_layout.unstack_layers`).
+
 Dimension key: D d_in, O d_out, V values of a group, R a group's max rank,
 K total rank of the feature set in one layer.
 """
@@ -51,6 +55,7 @@ from flix import checkpoints
 from flix import features as features_lib
 from flix import gin_utils
 from flix import hf_checkpoint
+from flix import layer_layout
 from flix import models
 from flix import network
 from flix import t5x_checkpoint
@@ -194,7 +199,7 @@ def _layer_factors(
 ):
   """Flat params and, per adapted layer, the set's (s A, B) factor pairs."""
   pairs = resolve_features(feature_space, features)
-  flat = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(layer_layout.unstack_layers(params))
   factors = {}
   for layer, groups in _adapted_layers(flat, feature_space).items():
     if layer + ("kernel",) not in flat:
@@ -212,7 +217,9 @@ def base_params(params: PyTree) -> Params:
   return traverse_util.unflatten_dict(
       {
           path: np.asarray(value)
-          for path, value in traverse_util.flatten_dict(params).items()
+          for path, value in traverse_util.flatten_dict(
+              layer_layout.unstack_layers(params)
+          ).items()
           if not _ADAPTER_LEAF_RE.match(path[-1])
       }
   )
@@ -358,7 +365,7 @@ def _target_modules(params: PyTree, modules: Sequence[str]) -> list[str]:
   """Short names (q, wi_0, ...) when they pick exactly `modules`, else paths."""
   names = sorted({m.rsplit(".", 1)[-1] for m in modules})
   every = set()
-  for path in traverse_util.flatten_dict(params):
+  for path in traverse_util.flatten_dict(layer_layout.unstack_layers(params)):
     if path[-1] == "kernel":
       try:
         every.add(hf_module_path(path[:-1]))

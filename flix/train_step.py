@@ -5,6 +5,13 @@ regexes over '/'-joined paths): FLix and LoRA train `.*/lora_[ab]_.*`, full
 fine-tuning trains `.*`. The frozen part is neither differentiated nor copied
 into optimizer state: the step takes `value_and_grad` w.r.t. the trainable
 subtree only.
+
+Layouts (`flix.layer_layout`): the trainable params and their optimizer state
+are kept per layer whatever the network's layout, so checkpoints, resumption
+and the optimizer's math (Adafactor's per-parameter factoring and clipping)
+are the same with and without scanned layers; the frozen base keeps the
+network's layout (stacked when scanned) and the model stacks the trainable
+leaves into it inside the step.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from flix import layer_layout
 from flix import models
 
 PyTree = Any
@@ -29,7 +37,12 @@ ALL_PATTERNS = (r".*",)
 
 
 def split_params(params: PyTree, trainable_patterns: Sequence[str]):
-  """Splits a nested param dict into (trainable, frozen) nested dicts."""
+  """Splits a nested param dict into (trainable, frozen) nested dicts.
+
+  Patterns match '/'-joined paths of `params` as given (a scanned stack's
+  paths read `encoder/layers/...`; the default patterns match either). The
+  trainable part comes back per layer, the frozen part as given.
+  """
   regexes = [re.compile(p) for p in trainable_patterns]
   flat = traverse_util.flatten_dict(params, sep="/")
   trainable = {
@@ -42,12 +55,15 @@ def split_params(params: PyTree, trainable_patterns: Sequence[str]):
     )
   frozen = {k: v for k, v in flat.items() if k not in trainable}
   return (
-      traverse_util.unflatten_dict(trainable, sep="/"),
+      layer_layout.unstack_layers(
+          traverse_util.unflatten_dict(trainable, sep="/")
+      ),
       traverse_util.unflatten_dict(frozen, sep="/"),
   )
 
 
 def merge_params(trainable: PyTree, frozen: PyTree) -> PyTree:
+  """One param tree (mixed layouts if the frozen part is stacked)."""
   flat = traverse_util.flatten_dict(frozen, sep="/")
   flat.update(traverse_util.flatten_dict(trainable, sep="/"))
   return traverse_util.unflatten_dict(flat, sep="/")

@@ -79,20 +79,20 @@ def state_shardings(
     (abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings)
   """
   replicated = partitioning.replicated(mesh)
-  with mesh, nn.logical_axis_rules(rules):
-    param_sharding = partitioning.logical_to_sharding(
-        model.param_logical_axes(), mesh, rules
-    )
-  abstract_params = nn.unbox(model.abstract_params())
+  boxed = model.abstract_params()  # shapes and logical axes
   abstract = jax.eval_shape(
       lambda p: train_step_lib.create_train_state(
           p, optimizer, trainable_patterns
       ),
-      abstract_params,
+      nn.unbox(boxed),
   )
-  trainable, frozen = train_step_lib.split_params(
-      param_sharding, trainable_patterns
-  )
+  with mesh, nn.logical_axis_rules(rules):
+    trainable, frozen = (
+        partitioning.logical_to_sharding(
+            nn.get_partition_spec(part), mesh, rules
+        )
+        for part in train_step_lib.split_params(boxed, trainable_patterns)
+    )
   opt_state = optax.tree_map_params(
       optimizer,
       lambda leaf, sharding, param: (
@@ -148,10 +148,10 @@ def build_run(
   _, state_sharding = state_shardings(
       model, optimizer, trainable_patterns, mesh, rules
   )
-  param_sharding = train_step_lib.merge_params(
-      state_sharding.trainable, state_sharding.frozen
-  )
   with mesh, nn.logical_axis_rules(rules):
+    param_sharding = partitioning.logical_to_sharding(
+        model.param_logical_axes(), mesh, rules
+    )
     params = jax.jit(model.init_params, out_shardings=param_sharding)(
         jax.random.PRNGKey(random_seed)
     )
