@@ -56,6 +56,15 @@ STRATEGIES = ("segment", "gather", "dense", "ragged")
 # Logical axis names of adapter dimensions (replicated by default rules).
 VALUES_AXIS = "flix_values"
 RANK_AXIS = "lora_rank"
+# An adapter's d_in / d_out where the kernel's is 'embed', which T5X's 1-D
+# rules replicate; the default rules shard this one (`flix.partitioning`).
+EMBED_AXIS = "adapter_embed"
+
+
+def adapter_axis(kernel_axis: str) -> str:
+  """Logical axis of the adapter dimension matching a kernel dimension."""
+  return EMBED_AXIS if kernel_axis == "embed" else kernel_axis
+
 
 default_kernel_init = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal"
@@ -358,7 +367,8 @@ class FlixDense(nn.Module):
         a = self.param(
             f"lora_a_{group.name}",
             nn.with_logical_partitioning(
-                self.adapter_init, (VALUES_AXIS, self.kernel_axes[0], RANK_AXIS)
+                self.adapter_init,
+                (VALUES_AXIS, adapter_axis(self.kernel_axes[0]), RANK_AXIS),
             ),
             (group.num_values, d_in, group.max_rank),
             jnp.float32,
@@ -367,7 +377,7 @@ class FlixDense(nn.Module):
             f"lora_b_{group.name}",
             nn.with_logical_partitioning(
                 nn.initializers.zeros,
-                (VALUES_AXIS, RANK_AXIS, self.kernel_axes[1]),
+                (VALUES_AXIS, RANK_AXIS, adapter_axis(self.kernel_axes[1])),
             ),
             (group.num_values, group.max_rank, d_out),
             jnp.float32,

@@ -2,8 +2,11 @@
 
 Params and activations carry logical axis names (`embed`, `mlp`, `joined_kv`,
 ...); the rules map them onto a `('data', 'model')` mesh. FLix adapters
-inherit the base kernel's sharding on d_in / d_out and replicate their value
-and rank dimensions (`flix_values`, `lora_rank` -> None).
+inherit the base kernel's sharding on d_in / d_out, except that where the
+kernel's dimension is `embed` (replicated by T5X's 1-D rules) the adapter's is
+`adapter_embed`, sharded over 'model': every adapter is then split over the
+model axis once. Value and rank dimensions (`flix_values`, `lora_rank`) are
+replicated. Scanned stacks add a leading, replicated `layers` axis.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def standard_logical_axis_rules(
       ("mlp_activations", None),
       (layers.VALUES_AXIS, None),
       (layers.RANK_AXIS, None),
+      (layers.EMBED_AXIS, "model"),
   )
 
 
