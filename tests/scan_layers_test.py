@@ -182,14 +182,17 @@ def test_scanned_stacks_give_the_same_logits_and_gradients():
       atol=1e-5,
       rtol=1e-5,
   )
-  # The model takes per-layer params too (converted inside).
-  np.testing.assert_allclose(
-      _logits(SCANNED)(params, batch), _logits(CFG)(params, batch), atol=1e-5
-  )
 
 
-@pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("policy", ["full", "minimal", "dots_saveable"])
+@pytest.mark.parametrize(
+    "scan, policy",
+    [
+        (False, "minimal"),
+        (True, "full"),
+        (True, "minimal"),
+        (True, "dots_saveable"),
+    ],
+)
 def test_remat_policies_give_identical_results(scan, policy):
   params, batch = _params(), _batch()
   base = dataclasses.replace(CFG, scan_layers=scan)
@@ -207,8 +210,9 @@ def test_unknown_remat_policy_is_an_error():
     network.preset("tiny", remat_policy="some")
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam"])
-def test_scanned_decoding_matches(method):
+def test_scanned_beam_search_matches():
+  """Beam search expands and reorders the cache, whose batch axis is second
+  when scanned."""
   params = _params()
   batch = {
       "encoder_input_tokens": _batch()["encoder_input_tokens"],
@@ -216,7 +220,7 @@ def test_scanned_decoding_matches(method):
   }
   got = [
       models.FlixModel(cfg).predict_batch(
-          params, batch, max_decode_length=5, method=method, beam_size=3
+          params, batch, max_decode_length=5, method="beam", beam_size=3
       )
       for cfg in (CFG, SCANNED)
   ]
