@@ -38,9 +38,9 @@ from flax import traverse_util
 
 from flix import features as features_lib
 from flix import layer_layout
+from flix import layers
 
 PyTree = Any
-META_FILE = "flix_meta.json"
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -50,15 +50,11 @@ def checkpoint_dir(model_dir: str) -> str:
 class Checkpointer:
   """Periodic, atomic Orbax checkpoints of (params, opt_state, meta)."""
 
-  def __init__(
-      self, model_dir: str, keep: Optional[int] = 3, save_period: int = 1
-  ):
+  def __init__(self, model_dir: str, keep: Optional[int] = 3):
     self.directory = checkpoint_dir(model_dir)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_period, create=True
-        ),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_names=("params", "opt_state", "meta"),
     )
 
@@ -122,15 +118,23 @@ def resolve_step_dir(path: str) -> str:
   )
 
 
+def read_meta(path: str) -> dict[str, Any]:
+  """The meta dict (feature vocabulary, config, base, data position) of a
+  flix checkpoint: a MODEL_DIR, its checkpoints/ dir or a step dir."""
+  # Orbax's JsonSave writes the item as <step>/meta/metadata.
+  with open(
+      os.path.join(resolve_step_dir(path), "meta", "metadata"), encoding="utf-8"
+  ) as f:
+    return json.load(f)
+
+
 def read_flix_checkpoint(path: str):
   """Reads (trained params as numpy, meta dict) of a flix checkpoint."""
   step_dir = resolve_step_dir(path)
   checkpointer = ocp.StandardCheckpointer()
   params = checkpointer.restore(os.path.join(step_dir, "params"))
   checkpointer.close()
-  with open(os.path.join(step_dir, "meta", "metadata"), encoding="utf-8") as f:
-    meta = json.load(f)
-  return jax.tree.map(np.asarray, params), meta
+  return jax.tree.map(np.asarray, params), read_meta(step_dir)
 
 
 def _is_t5x_legacy(path: str) -> bool:
@@ -264,7 +268,7 @@ def load_for_inference(model, path: str):
     params = restore_base_params(
         layer_layout.unstack_layers(jax.eval_shape(model.init_params, rng)),
         base["initial_checkpoint"],
-        fresh_patterns=(r".*/lora_[ab]_[^/]*",),
+        fresh_patterns=(layers.ADAPTER_PATH_PATTERN,),
     )
   else:
     params = layer_layout.unstack_layers(

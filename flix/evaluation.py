@@ -1,6 +1,6 @@
 """Inference evaluation: decode, score with SeqIO metrics, write results.
 
-Results (DESIGN.md §4): one row per (feature values, metric)
+Results: one row per (feature values, metric)
 
   {"features": {"task": ..., "language": ...}, "metric": ..., "value": ...,
    "examples": N, "seen_in_training": true|false}
@@ -21,7 +21,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+import seqio
 
+from flix import checkpoints
+from flix import feature_converter
+from flix import featurized
 from flix import input_pipeline
 from flix import models
 
@@ -61,21 +65,35 @@ def predict_examples(
     batch_size: int = 32,
     decode_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> list[str]:
-  """Decodes a prediction string for each tokenized example (in order)."""
+  """Decodes a prediction string for each example (in order).
+
+  Args:
+    model: the model.
+    params: its params.
+    examples: `inputs` as text or token ids (a SeqIO task's), and features
+      (see `feature_converter.encode_examples`).
+    vocabulary: tokenizes text inputs and detokenizes the predictions.
+    input_length: encoder length (longer inputs are trimmed).
+    target_length: the most tokens decoded.
+    batch_size: examples per compiled batch (the last one is padded).
+    decode_kwargs: `models.FlixModel.predict_batch` options.
+
+  Returns:
+    One prediction string per example.
+  """
   predict = _jitted_predict(
       model, target_length, tuple(sorted((decode_kwargs or {}).items()))
   )
+  lengths = {"inputs": input_length, "targets": target_length}
   predictions = []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start : start + batch_size]
-    batch = input_pipeline.examples_to_batch(
-        [ex["inputs"] for ex in chunk],
-        [[] for _ in chunk],
-        [input_pipeline.example_features(ex) for ex in chunk],
+    batch = feature_converter.encode_examples(
+        [{**ex, "targets": None} for ex in chunk],
         model.feature_space,
-        input_length,
-        target_length,
-        batch_size,
+        lengths,
+        vocabulary=vocabulary,
+        batch_size=batch_size,
     )
     tokens, _ = predict(params, batch)
     tokens = np.asarray(tokens)[:, 0]
@@ -106,9 +124,6 @@ def evaluate_tasks(
   Returns:
     (result rows, prediction records with inputs/target/prediction/features).
   """
-  import seqio  # pylint: disable=g-import-not-at-top
-  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
-
   rows, records = [], []
   for task_name in task_names:
     task = seqio.get_mixture_or_task(task_name)
@@ -131,7 +146,7 @@ def evaluate_tasks(
     )
     by_features = collections.defaultdict(lambda: ([], []))
     for example, prediction in zip(examples, predictions):
-      features = input_pipeline.example_features(example)
+      features = feature_converter.example_features(example)
       target = text_of(example["targets_pretokenized"])
       if task.postprocess_fn is not None:
         target = task.postprocess_fn(target, example=example, is_target=True)
@@ -317,12 +332,9 @@ def evaluate(
 ) -> dict:
   """Evaluates a model (or a training run) on a mixture's tasks.
 
-  Called by the trainer with `run`, `step`, `model_dir`, or standalone by
-  `flix.eval` with `model` and `params`.
+  Called by the trainer with `run`, `step`, `model_dir`, or with `model` and
+  `params` (see `evaluate_checkpoint`).
   """
-  import seqio  # pylint: disable=g-import-not-at-top
-  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
-
   if run is not None:
     model, params = run.model, run.params
   output_dir = output_dir or os.path.join(model_dir, "eval")
@@ -367,3 +379,40 @@ def evaluate(
     for record in records:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
   return {"rows": rows, "paths": paths, "summary": summary}
+
+
+def evaluate_checkpoint(
+    *,
+    model: models.FlixModel,
+    checkpoint_path: str,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    output_dir: str,
+    split: str = "test",
+    training_mixture: Optional[str] = None,
+    batch_size: int = 32,
+    max_examples_per_task: Optional[int] = None,
+    decode_kwargs: Optional[Mapping[str, Any]] = None,
+) -> dict:
+  """Loads a flix checkpoint and `evaluate`s it (`python -m flix.eval`).
+
+  The checkpoint's saved feature vocabulary replaces the model's; the
+  training mixture (for the zero-shot flags) defaults to the run's.
+  """
+  model, params, meta = checkpoints.load_for_inference(model, checkpoint_path)
+  training_mixture = training_mixture or meta.get("data", {}).get(
+      "mixture_or_task_name"
+  )
+  return evaluate(
+      model=model,
+      params=params,
+      step=meta.get("step"),
+      mixture_or_task_name=mixture_or_task_name,
+      task_feature_lengths=task_feature_lengths,
+      split=split,
+      training_mixture=training_mixture,
+      output_dir=output_dir,
+      batch_size=batch_size,
+      max_examples_per_task=max_examples_per_task,
+      decode_kwargs=decode_kwargs,
+  )

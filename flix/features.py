@@ -35,8 +35,9 @@ class FeatureGroup:
     name: group name, e.g. "task".
     values: ordered value names; the order fixes adapter indices.
     rank: LoRA rank r_g of this group's adapters.
-    alpha: LoRA alpha; scale s = alpha / r (or alpha / sqrt(r) with rsLoRA).
-      Defaults to `rank` (scale 1).
+    alpha: LoRA alpha; scale s = alpha / r_v (or alpha / sqrt(r_v) with
+      rsLoRA), r_v the value's rank. Defaults to the group's `rank` (scale 1
+      for values without a rank override).
     dropout: probability p_g of dropping this group's feature of an example
       during training.
     value_ranks: optional per-value rank overrides `((value, rank), ...)`.
@@ -97,14 +98,21 @@ class FeatureGroup:
 
   @property
   def max_rank(self) -> int:
-    return max([self.rank] + [r for _, r in self.value_ranks])
+    """R, the stored (padded) adapter rank: the largest rank in use."""
+    return max(self.rank_of(v) for v in self.values)
 
   def rank_of(self, value: str) -> int:
     return dict(self.value_ranks).get(value, self.rank)
 
   def index(self, value: str) -> int:
-    """0-based adapter index of `value` (raises KeyError if unknown)."""
+    """0-based adapter index of `value` (raises ValueError if unknown)."""
     return self.values.index(value)
+
+  @property
+  def default_id(self) -> int:
+    """The id an example lacking this group gets (`NO_FEATURE` unless the
+    group has a default value)."""
+    return NO_FEATURE if self.default is None else self.index(self.default) + 1
 
 
 _warned_unknown: set[tuple[str, str]] = set()
@@ -212,20 +220,47 @@ class FeatureSpace:
 
   # ---- Encoding ----
 
-  def encode(self, features: Mapping[str, Any]) -> np.ndarray:
-    """Maps an example's `{group: value}` to ids, int32 [G].
+  def resolve(
+      self, features: Mapping[str, Any], strict: bool = False
+  ) -> list[tuple[FeatureGroup, str]]:
+    """The (group, value) pairs whose adapters an example's features apply.
 
-    Absent groups and `None` values give the group's default (usually no
-    feature). An unknown value warns once per (group, value) and is treated
-    as absent: only the known features apply. Keys that are not groups of
-    this space are ignored.
+    The one rule for a feature set: a group that is absent (missing key,
+    `None` or `""`) gets its default (none, except plain LoRA's always-on
+    value); keys that are not groups of this space are ignored.
+
+    Args:
+      features: `{group: value}` (bytes values are decoded).
+      strict: raise on an unknown value or group (export, where the user
+        names the set); otherwise an unknown value warns once per
+        (group, value) and counts as absent: only the known features apply.
+
+    Returns:
+      (group, value) pairs in the space's group order.
+
+    Raises:
+      ValueError: with `strict`, for a group or value the space lacks; the
+        message lists the known ones.
     """
-    ids = np.zeros((self.num_groups,), np.int32)
-    for g_index, group in enumerate(self.groups):
+    if strict:
+      unknown = [g for g in features if g not in self.group_names]
+      if unknown:
+        raise ValueError(
+            f"Unknown feature group {unknown[0]!r}; the model's groups are: "
+            f"{', '.join(self.group_names)}."
+        )
+    pairs = []
+    for group in self.groups:
       value = features.get(group.name)
       if isinstance(value, bytes):
         value = value.decode("utf-8")
       if value is not None and value != "" and value not in group.values:
+        if strict:
+          raise ValueError(
+              f"Unknown {group.name} value {value!r}: the model has no "
+              f"adapter for it. Known {group.name} values: "
+              f"{', '.join(group.values)}."
+          )
         if (group.name, value) not in _warned_unknown:
           _warned_unknown.add((group.name, value))
           logging.warning(
@@ -238,7 +273,16 @@ class FeatureSpace:
         value = None
       if value is None or value == "":
         value = group.default
-      ids[g_index] = NO_FEATURE if value is None else group.index(value) + 1
+      if value is not None:
+        pairs.append((group, value))
+    return pairs
+
+  def encode(self, features: Mapping[str, Any]) -> np.ndarray:
+    """Maps an example's `{group: value}` to ids, int32 [G] (see `resolve`)."""
+    ids = np.zeros((self.num_groups,), np.int32)
+    index = {name: i for i, name in enumerate(self.group_names)}
+    for group, value in self.resolve(features):
+      ids[index[group.name]] = group.index(value) + 1
     return ids
 
   def decode(self, ids: Sequence[int]) -> dict[str, str]:

@@ -44,7 +44,7 @@ import collections
 import json
 import os
 import re
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -158,6 +158,24 @@ def _mapping(
     yield (stack, norm, "scale"), f"{stack}.final_layer_norm.weight", False
   if with_lm_head:
     yield ("decoder", "logits_dense", "kernel"), "lm_head.weight", True
+
+
+def hf_module_path(layer: Sequence[str]) -> str:
+  """The HF MT5 module of a T5X dense layer, from the one name mapping.
+
+  `('encoder', 'layers_3', 'attention', 'query')` ->
+  `'encoder.block.3.layer.0.SelfAttention.q'`; `decoder/logits_dense` ->
+  `'lm_head'`.
+  """
+  layer = tuple(layer)
+  match = re.fullmatch(r"layers_(\d+)", layer[1]) if len(layer) > 1 else None
+  num_layers = int(match.group(1)) + 1 if match else 0
+  path = layer + ("kernel",)
+  for gated in (True, False):
+    for t5x_path, hf_key, _ in _mapping(num_layers, num_layers, gated, True):
+      if t5x_path == path:
+        return hf_key[: -len(".weight")]
+  raise ValueError(f"No HF MT5 module for the T5X layer {'/'.join(layer)}.")
 
 
 def _num_layers(keys: Any, pattern: str) -> int:

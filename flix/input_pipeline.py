@@ -1,14 +1,15 @@
 """SeqIO datasets -> numpy batches for the trainer, evaluator and inference.
 
-The only flix module (with `flix_tasks`) that touches seqio / tf.data; the
-model and the train step see numpy batches (see `flix.models` for keys).
+Part of flix's data layer (with `featurized` and `feature_converter`), the
+only modules that touch seqio / tf.data; the model and the train step see
+numpy batches (see `flix.models` for keys).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -17,8 +18,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from flix import feature_converter
 from flix import features as features_lib
-from flix_tasks import featurized
 
 tf.config.set_visible_devices([], "GPU")  # keep TF off accelerators
 
@@ -57,7 +58,6 @@ def train_batches(
   Deterministic given `seed`, so a resumed run skips `skip_batches` batches
   and continues at exactly the same data position.
   """
-  from flix_tasks import converter  # pylint: disable=g-import-not-at-top
 
   space = feature_space or features_lib.FeatureSpace(groups=())
   shard = seqio.ShardInfo(
@@ -74,7 +74,9 @@ def train_batches(
       dataset_split=split,
       shuffle=shuffle,
       num_epochs=None,
-      feature_converter=converter.FlixFeatureConverter(space, pack=pack),
+      feature_converter=feature_converter.FlixFeatureConverter(
+          space, pack=pack
+      ),
       shard_info=shard,
       use_cached=False,
       seed=seed,
@@ -106,64 +108,3 @@ def task_examples(
   if max_examples:
     dataset = dataset.take(max_examples)
   return list(dataset.as_numpy_iterator())
-
-
-def example_features(example: Mapping[str, Any]) -> dict[str, str]:
-  """`{group: value}` of an example's `feature_<group>` strings."""
-  out = {}
-  for key, value in example.items():
-    if key.startswith(featurized.FEATURE_PREFIX):
-      value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-      if value:
-        out[key[len(featurized.FEATURE_PREFIX) :]] = value
-  return out
-
-
-def _pad(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
-  out = np.zeros((len(rows), length), np.int32)
-  for i, row in enumerate(rows):
-    row = np.asarray(row, np.int32)[:length]
-    out[i, : len(row)] = row
-  return out
-
-
-def examples_to_batch(
-    input_tokens: Sequence[np.ndarray],
-    target_tokens: Sequence[np.ndarray],
-    features: Sequence[Mapping[str, str]],
-    feature_space: Optional[features_lib.FeatureSpace],
-    input_length: int,
-    target_length: int,
-    batch_size: Optional[int] = None,
-) -> dict[str, np.ndarray]:
-  """An unpacked model batch from token lists and feature dicts (numpy).
-
-  Unknown feature values warn and are treated as absent (see
-  `FeatureSpace.encode`). Rows past the examples (up to `batch_size`) are
-  padding.
-  """
-  batch_size = batch_size or len(input_tokens)
-  pad_rows = batch_size - len(input_tokens)
-  inputs = _pad(list(input_tokens) + [[]] * pad_rows, input_length)
-  targets = _pad(list(target_tokens) + [[]] * pad_rows, target_length)
-  decoder_inputs = np.concatenate(
-      [np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1
-  )
-  space = feature_space or features_lib.FeatureSpace(groups=())
-  groups = max(space.num_groups, 1)
-  ids = np.zeros((batch_size, groups), np.int32)
-  for i, example_features_ in enumerate(features):
-    if space.num_groups:
-      ids[i] = space.encode(example_features_)
-  return {
-      "encoder_input_tokens": inputs,
-      "decoder_input_tokens": decoder_inputs,
-      "decoder_target_tokens": targets,
-      "decoder_loss_weights": (targets > 0).astype(np.float32),
-      "encoder_feature_ids": (ids[:, None, :] * (inputs > 0)[..., None]).astype(
-          np.int32
-      ),
-      "decoder_feature_ids": np.broadcast_to(
-          ids[:, None, :], (batch_size, target_length, groups)
-      ).copy(),
-  }

@@ -37,6 +37,7 @@ Strategies (all exact; tests check each against a naive per-token sum):
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Optional, Sequence, Union
 
 import flax
@@ -52,6 +53,18 @@ DType = jnp.dtype
 Initializer = Callable[..., Array]
 
 STRATEGIES = ("segment", "gather", "dense", "ragged")
+
+# Adapters are the leaves `lora_a_<group>` [V, D, R] and `lora_b_<group>`
+# [V, R, O] beside a layer's `kernel`; every module that finds, freezes, saves
+# or exports adapters uses these three.
+ADAPTER_LEAF_RE = re.compile(r"^lora_([ab])_(.+)$")
+ADAPTER_PATH_PATTERN = r".*/lora_[ab]_[^/]*"  # '/'-joined param paths
+
+
+def adapter_leaf_names(group: str) -> tuple[str, str]:
+  """(A, B) leaf names of `group`'s adapters, e.g. `lora_a_task`."""
+  return f"lora_a_{group}", f"lora_b_{group}"
+
 
 # Logical axis names of adapter dimensions (replicated by default rules).
 VALUES_AXIS = "flix_values"
@@ -180,8 +193,8 @@ def check_max_segments(
     raise ValueError(
         f"A batch row packs {int(runs.max())} examples with different "
         f"features, but the FLix layers have max_segments={max_segments} "
-        "slots per row. Set network.T5Config.max_segments (gin) to at least "
-        "the number of examples packed per row, or use strategy 'gather'."
+        "slots per row. Set MAX_SEGMENTS (gin) to at least the number of "
+        "examples packed per row, or FLIX_STRATEGY = 'gather'."
     )
 
 
@@ -364,8 +377,9 @@ class FlixDense(nn.Module):
         )
       adapters = []
       for group in self.feature_space.groups:
+        a_name, b_name = adapter_leaf_names(group.name)
         a = self.param(
-            f"lora_a_{group.name}",
+            a_name,
             nn.with_logical_partitioning(
                 self.adapter_init,
                 (VALUES_AXIS, adapter_axis(self.kernel_axes[0]), RANK_AXIS),
@@ -374,7 +388,7 @@ class FlixDense(nn.Module):
             jnp.float32,
         )
         b = self.param(
-            f"lora_b_{group.name}",
+            b_name,
             nn.with_logical_partitioning(
                 nn.initializers.zeros,
                 (VALUES_AXIS, RANK_AXIS, adapter_axis(self.kernel_axes[1])),

@@ -1,7 +1,7 @@
 """The encoder-decoder model: loss, scoring and prediction around the network.
 
 A `FlixModel` binds a `network.Transformer` to the batch layout produced by
-`flix_tasks.converter.FlixFeatureConverter` (numpy arrays):
+`flix.feature_converter.FlixFeatureConverter` (numpy arrays):
 
   encoder_input_tokens  [B, Le]      decoder_input_tokens   [B, Ld]
   decoder_target_tokens [B, Ld]      decoder_loss_weights   [B, Ld]
@@ -29,6 +29,7 @@ import numpy as np
 from flix import decoding
 from flix import features as features_lib
 from flix import layer_layout
+from flix import layers
 from flix import network
 
 Array = jax.Array
@@ -161,6 +162,26 @@ class FlixModel:
   def param_logical_axes(self) -> PyTree:
     """Tree of logical PartitionSpecs, same structure as the params."""
     return nn.get_partition_spec(self.abstract_params())
+
+  def check_batch(self, batch: Batch) -> None:
+    """Raises a readable error for a host batch the network cannot compute
+    exactly (a packed row with more runs of feature ids than `max_segments`).
+
+    Feature dropout draws per packed example, so with dropout every example
+    of a row may become a run of its own: runs are then counted per segment.
+    """
+    space = self.feature_space
+    if space is None:
+      return
+    dropout = bool(np.any(space.dropout_rates() > 0))
+    for side in ("encoder", "decoder"):
+      ids = np.asarray(batch[f"{side}_feature_ids"])
+      segments = batch.get(f"{side}_segment_ids")
+      if dropout and segments is not None:
+        ids = np.concatenate([ids, np.asarray(segments)[..., None]], axis=-1)
+      layers.check_max_segments(
+          ids, self.config.max_segments, self.config.flix_strategy
+      )
 
   # ---- Forward ----
 

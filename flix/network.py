@@ -3,11 +3,12 @@
 The network computes what T5X's `examples/t5/network.py` computes, with the
 same parameter tree (`token_embedder/embedding`,
 `encoder/layers_0/attention/query/kernel`, ..., `decoder/logits_dense/kernel`;
-T5X_NOTES.md §1.3), so public T5X mT5 checkpoints and HF `google/mt5-*`
-weights map 1:1. T5X quirks kept for checkpoint compatibility: RMSNorm in
-float32, no 1/sqrt(head_dim) at run time (it is folded into the query
-initializer), 2-D joined attention kernels, one relative-position table per
-stack, dropout masks shared over the length axis, float32 untied logits.
+docs/mt5_reference.md §2), so public T5X mT5 checkpoints and HF
+`google/mt5-*` weights map 1:1. T5X quirks kept for checkpoint compatibility
+(docs/mt5_reference.md §1): RMSNorm in float32, no 1/sqrt(head_dim) at run
+time (it is folded into the query initializer), 2-D joined attention kernels,
+one relative-position table per stack, dropout masks shared over the length
+axis, float32 untied logits.
 
 FLix: the dense layers named in `T5Config.adapter_targets` (in every attention
 kind and MLP of the stacks in `adapter_stacks`) carry per-feature low-rank

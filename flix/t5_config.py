@@ -2,7 +2,8 @@
 
 `T5Config` is a frozen, hashable dataclass validated in `__post_init__`;
 `preset(name, **overrides)` returns mT5 small..xxl, ByT5 small/base, the
-tiny T5 v1.1 of the shared test checkpoint, or a tiny test model. The FLix
+tiny T5 v1.1 of prompt-tuning's test checkpoint, or a tiny test model (sizes:
+docs/mt5_reference.md §3). The FLix
 fields say which dense layers carry adapters and how they are computed;
 `scan_layers` and `remat_policy` say how the layer stacks are run (T5X's
 options of the same names).
@@ -20,9 +21,6 @@ import jax.numpy as jnp
 
 from flix import features as features_lib
 from flix import layers
-
-Array = jax.Array
-Initializer = Callable[..., Array]
 
 # Dense layers that can carry adapters ('wi_<n>' for gated MLPs).
 _TARGET_RE = re.compile(r"^(query|key|value|out|wi|wi_\d+|wo|logits_dense)$")
@@ -56,9 +54,6 @@ def remat_policy(name: str) -> Optional[Callable[..., bool]]:
   if name == "none":
     return None
   return _NAMED_POLICIES.get(name) or getattr(jax.checkpoint_policies, name)
-
-
-_MASK_BIAS = -1e10  # T5X's additive bias of disallowed attention positions.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +191,16 @@ class T5Config:
     ):
       raise ValueError("T5Config: feature_space must be a FeatureSpace.")
 
+  def to_dict(self) -> dict[str, Any]:
+    """The config as a JSON-able dict, without the feature space (which
+    checkpoints save on its own)."""
+    return {
+        field.name: (list(value) if isinstance(value, tuple) else value)
+        for field in dataclasses.fields(self)
+        if field.name != "feature_space"
+        for value in [getattr(self, field.name)]
+    }
+
   def adapted(self, stack: str) -> tuple[str, ...]:
     """Names of the dense layers with adapters in `stack`."""
     if self.feature_space is None or stack not in self.adapter_stacks:
@@ -240,7 +245,7 @@ PRESETS: dict[str, T5Config] = {
     # t5x/examples/t5/byt5/*.gin.
     "byt5_small": _byt5(1472, 6, 3584, 12, 4),
     "byt5_base": _byt5(1536, 12, 3968, 18, 6),
-    # The real checkpoint in shared/testdata (prompt-tuning's test model).
+    # prompt-tuning's test checkpoint (docs/mt5_reference.md §3).
     "t5_1_1_tiny": T5Config(
         vocab_size=32128,
         emb_dim=4,

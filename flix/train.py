@@ -1,6 +1,7 @@
 """Entry point: `python -m flix.train --gin_file=configs/demo.gin ...`.
 
-Binds `flix.trainer.train` through gin, as T5X's train.py binds its train().
+Runs the gin-configured `flix.trainer.train`, as T5X's train.py runs its
+train(); writes the operative config to MODEL_DIR/config.gin first.
 """
 
 from flix import gin_utils

@@ -1,8 +1,8 @@
 """The train state, the optimizer over the trainable subset, the train step.
 
-Freezing is a mask built once from the parameter paths (`trainable_patterns`,
-regexes over '/'-joined paths): FLix and LoRA train `.*/lora_[ab]_.*`, full
-fine-tuning trains `.*`. The frozen part is neither differentiated nor copied
+Freezing is a mask built once from the parameter paths (`trainable_patterns`:
+'adapters', 'all', or regexes over '/'-joined paths): FLix and LoRA train
+the adapters, full fine-tuning trains everything. The frozen part is neither differentiated nor copied
 into optimizer state: the step takes `value_and_grad` w.r.t. the trainable
 subtree only.
 
@@ -17,32 +17,51 @@ leaves into it inside the step.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
 from flix import layer_layout
+from flix import layers
 from flix import models
+from flix import partitioning
 
 PyTree = Any
-ADAPTER_PATTERNS = (r".*/lora_[ab]_[^/]*",)
+ADAPTER_PATTERNS = (layers.ADAPTER_PATH_PATTERN,)
 ALL_PATTERNS = (r".*",)
+# Names a gin file may give instead of regexes.
+TRAINABLE_PRESETS = {"adapters": ADAPTER_PATTERNS, "all": ALL_PATTERNS}
+TrainablePatterns = Union[str, Sequence[str]]
+
+
+def trainable_regexes(trainable_patterns: TrainablePatterns) -> tuple[str, ...]:
+  """'adapters', 'all', or regexes over '/'-joined param paths -> regexes."""
+  if isinstance(trainable_patterns, str):
+    if trainable_patterns not in TRAINABLE_PRESETS:
+      raise ValueError(
+          f"Unknown trainable set {trainable_patterns!r}: use "
+          f"{' or '.join(map(repr, TRAINABLE_PRESETS))}, or a list of regexes."
+      )
+    return TRAINABLE_PRESETS[trainable_patterns]
+  return tuple(trainable_patterns)
 
 
 # ---- Trainable / frozen split ----
 
 
-def split_params(params: PyTree, trainable_patterns: Sequence[str]):
+def split_params(params: PyTree, trainable_patterns: TrainablePatterns):
   """Splits a nested param dict into (trainable, frozen) nested dicts.
 
   Patterns match '/'-joined paths of `params` as given (a scanned stack's
   paths read `encoder/layers/...`; the default patterns match either). The
   trainable part comes back per layer, the frozen part as given.
   """
+  trainable_patterns = trainable_regexes(trainable_patterns)
   regexes = [re.compile(p) for p in trainable_patterns]
   flat = traverse_util.flatten_dict(params, sep="/")
   trainable = {
@@ -172,7 +191,7 @@ class TrainState:
 def create_train_state(
     params: PyTree,
     tx: optax.GradientTransformation,
-    trainable_patterns: Sequence[str],
+    trainable_patterns: TrainablePatterns,
 ) -> TrainState:
   trainable, frozen = split_params(params, trainable_patterns)
   return TrainState(
@@ -270,10 +289,71 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(model: models.FlixModel) -> Callable:
-  """`eval_step(params, batch) -> metrics` (teacher-forced loss, no dropout)."""
+# ---- Sharded, jitted step ----
 
-  def eval_step(params, batch):
-    return model.loss_fn(params, batch)[1]
 
-  return eval_step
+def state_shardings(
+    model: models.FlixModel,
+    optimizer: optax.GradientTransformation,
+    trainable_patterns: TrainablePatterns,
+    mesh,
+    rules,
+):
+  """The abstract train state and its shardings, without allocating.
+
+  Params follow their logical axes; each optimizer-state leaf shaped like its
+  param is sharded like that param (Adam moments, unfactored Adafactor
+  slots), other leaves (factored rows/columns, counts) are replicated.
+
+  Returns:
+    (abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings)
+  """
+  replicated = partitioning.replicated(mesh)
+  boxed = model.abstract_params()  # shapes and logical axes
+  abstract = jax.eval_shape(
+      lambda p: create_train_state(p, optimizer, trainable_patterns),
+      nn.unbox(boxed),
+  )
+  # Split the boxes, not shardings: the trainable part is unstacked per
+  # layer, which needs the shapes.
+  with mesh, nn.logical_axis_rules(rules):
+    trainable, frozen = (
+        partitioning.logical_to_sharding(
+            nn.get_partition_spec(part), mesh, rules
+        )
+        for part in split_params(boxed, trainable_patterns)
+    )
+  opt_state = optax.tree_map_params(
+      optimizer,
+      lambda leaf, sharding, param: (
+          sharding if leaf.shape == param.shape else replicated
+      ),
+      abstract.opt_state,
+      trainable,
+      abstract.trainable,
+      transform_non_params=lambda _: replicated,
+  )
+  return abstract, TrainState(
+      step=replicated, trainable=trainable, frozen=frozen, opt_state=opt_state
+  )
+
+
+def jit_train_step(
+    model: models.FlixModel,
+    optimizer: optax.GradientTransformation,
+    state_sharding,
+    mesh,
+    num_microbatches: int = 1,
+) -> Callable:
+  """The jitted, state-donating `train_step(state, batch, rng)` on `mesh`."""
+  replicated = partitioning.replicated(mesh)
+  return jax.jit(
+      make_train_step(model, optimizer, num_microbatches),
+      in_shardings=(
+          state_sharding,
+          partitioning.data_sharding(mesh),
+          replicated,
+      ),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,),
+  )

@@ -21,29 +21,11 @@ import optax
 
 from flix import checkpoints
 from flix import features as features_lib
-from flix import layers
 from flix import models
 from flix import partitioning
 from flix import train_step as train_step_lib
 
 PyTree = Any
-
-
-def config_to_dict(config) -> dict[str, Any]:
-  """The network config as JSON-able dict (feature space saved separately)."""
-  out = {}
-  for field in dataclasses.fields(config):
-    value = getattr(config, field.name)
-    if field.name == "feature_space":
-      continue
-    out[field.name] = (
-        list(value)
-        if isinstance(value, tuple)
-        else value
-        if isinstance(value, (int, float, str, bool, type(None)))
-        else str(value)
-    )
-  return out
 
 
 @dataclasses.dataclass
@@ -62,77 +44,10 @@ class Run:
     return self.state.params
 
 
-def state_shardings(
-    model: models.FlixModel,
-    optimizer: optax.GradientTransformation,
-    trainable_patterns: Sequence[str],
-    mesh,
-    rules,
-):
-  """The abstract train state and its shardings, without allocating.
-
-  Params follow their logical axes; each optimizer-state leaf shaped like its
-  param is sharded like that param (Adam moments, unfactored Adafactor
-  slots), other leaves (factored rows/columns, counts) are replicated.
-
-  Returns:
-    (abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings)
-  """
-  replicated = partitioning.replicated(mesh)
-  boxed = model.abstract_params()  # shapes and logical axes
-  abstract = jax.eval_shape(
-      lambda p: train_step_lib.create_train_state(
-          p, optimizer, trainable_patterns
-      ),
-      nn.unbox(boxed),
-  )
-  with mesh, nn.logical_axis_rules(rules):
-    trainable, frozen = (
-        partitioning.logical_to_sharding(
-            nn.get_partition_spec(part), mesh, rules
-        )
-        for part in train_step_lib.split_params(boxed, trainable_patterns)
-    )
-  opt_state = optax.tree_map_params(
-      optimizer,
-      lambda leaf, sharding, param: (
-          sharding if leaf.shape == param.shape else replicated
-      ),
-      abstract.opt_state,
-      trainable,
-      abstract.trainable,
-      transform_non_params=lambda _: replicated,
-  )
-  return abstract, train_step_lib.TrainState(
-      step=replicated, trainable=trainable, frozen=frozen, opt_state=opt_state
-  )
-
-
-def jit_train_step(
-    model: models.FlixModel,
-    optimizer: optax.GradientTransformation,
-    state_sharding,
-    mesh,
-    num_microbatches: int = 1,
-) -> Callable:
-  """The jitted, state-donating `train_step(state, batch, rng)` on `mesh`."""
-  replicated = partitioning.replicated(mesh)
-  return jax.jit(
-      train_step_lib.make_train_step(model, optimizer, num_microbatches),
-      in_shardings=(
-          state_sharding,
-          partitioning.data_sharding(mesh),
-          replicated,
-      ),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,),
-  )
-
-
 def build_run(
     model: models.FlixModel,
     optimizer: optax.GradientTransformation,
-    trainable_patterns: Sequence[str] = train_step_lib.ADAPTER_PATTERNS,
+    trainable_patterns: train_step_lib.TrainablePatterns = "adapters",
     initial_checkpoint_path: Optional[str] = None,
     random_seed: int = 0,
     num_partitions: int = 1,
@@ -145,7 +60,7 @@ def build_run(
   rules = tuple(
       logical_axis_rules or partitioning.standard_logical_axis_rules()
   )
-  _, state_sharding = state_shardings(
+  _, state_sharding = train_step_lib.state_shardings(
       model, optimizer, trainable_patterns, mesh, rules
   )
   with mesh, nn.logical_axis_rules(rules):
@@ -168,18 +83,20 @@ def build_run(
         ),
         out_shardings=state_sharding,
     )(params)
-    step_fn = jit_train_step(
+    step_fn = train_step_lib.jit_train_step(
         model, optimizer, state_sharding, mesh, num_microbatches
     )
   space = model.feature_space
   meta = {
       "feature_space": space.to_dict() if space is not None else None,
-      "model_config": config_to_dict(model.config),
+      "model_config": model.config.to_dict(),
       "base": {
           "initial_checkpoint": initial_checkpoint_path,
           "init_seed": random_seed,
       },
-      "trainable_patterns": list(trainable_patterns),
+      "trainable_patterns": list(
+          train_step_lib.trainable_regexes(trainable_patterns)
+      ),
   }
   return Run(model, mesh, rules, state, step_fn, meta)
 
@@ -251,7 +168,7 @@ def train(
     train_steps: int,
     batch_size: int,
     optimizer: optax.GradientTransformation,
-    trainable_patterns: Sequence[str] = train_step_lib.ADAPTER_PATTERNS,
+    trainable_patterns: train_step_lib.TrainablePatterns = "adapters",
     initial_checkpoint_path: Optional[str] = None,
     random_seed: int = 0,
     pack: bool = False,
@@ -262,7 +179,6 @@ def train(
     log_period: int = 10,
     eval_period: int = 0,
     evaluate_fn: Optional[Callable[..., Any]] = None,
-    stop_after_steps: Optional[int] = None,
 ) -> Run:
   """Trains `model` on a SeqIO mixture; resumes from MODEL_DIR if possible.
 
@@ -274,7 +190,7 @@ def train(
     train_steps: total optimizer steps (absolute, like T5X's TRAIN_STEPS).
     batch_size: global batch size.
     optimizer: optax transformation (see `train_step.make_optimizer`).
-    trainable_patterns: regexes of trained param paths.
+    trainable_patterns: 'adapters', 'all', or regexes of trained param paths.
     initial_checkpoint_path: base weights (T5X, HF or flix checkpoint).
     random_seed: seeds init, dropout and the data order.
     pack: pack several examples per row (needs network max_segments).
@@ -286,8 +202,6 @@ def train(
     eval_period: call `evaluate_fn(run, step)` every this many steps (0: only
       at the end).
     evaluate_fn: evaluation callback, e.g. a configured `evaluation.evaluate`.
-    stop_after_steps: stop (as if killed) after this many steps of this
-      process; for tests of resumption.
 
   Returns:
     the Run (state after training).
@@ -308,7 +222,7 @@ def train(
       train_step_lib.count_params(run.state.trainable),
       train_step_lib.count_params(run.state.trainable)
       + train_step_lib.count_params(run.state.frozen),
-      ", ".join(trainable_patterns),
+      ", ".join(run.meta["trainable_patterns"]),
   )
   checkpointer = checkpoints.Checkpointer(model_dir, keep=keep_checkpoints)
   start_step, batches_consumed = 0, 0
@@ -346,23 +260,15 @@ def train(
   )
   progress = ProgressLogger(model_dir, train_steps, start_step)
   rng = jax.random.PRNGKey(random_seed + 1)
-  config = model.config
   step = start_step
-  steps_this_process = 0
   with run.mesh, nn.logical_axis_rules(run.rules):
     while step < train_steps:
       batch = next(batches)
-      if model.feature_space is not None:
-        layers.check_max_segments(
-            batch["encoder_feature_ids"],
-            config.max_segments,
-            config.flix_strategy,
-        )
+      model.check_batch(batch)
       run.state, metrics = run.step_fn(
           run.state, to_device_batch(batch, run.mesh), rng
       )
       step += 1
-      steps_this_process += 1
       run.meta["data"]["batches_consumed"] = batches_consumed + (
           step - start_step
       )
@@ -381,12 +287,6 @@ def train(
       ):
         checkpointer.wait()
         evaluate_fn(run=run, step=step, model_dir=model_dir)
-      if (
-          stop_after_steps is not None
-          and steps_this_process >= stop_after_steps
-      ):
-        logging.info("Stopping after %d steps (stop_after_steps).", step)
-        break
   checkpointer.close()
   progress.close()
   return run

@@ -66,7 +66,6 @@ from flix import layers
 from flix import models
 from flix import partitioning
 from flix import train_step
-from flix import trainer
 
 warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
 GIB = 2**30
@@ -156,7 +155,9 @@ def load_setup(args) -> Setup:
   return Setup(
       model=dataclasses.replace(model, config=config),
       optimizer=gin_utils.call_configured(train_step.make_optimizer),
-      patterns=tuple(gin_utils.macro_value("TRAINABLE_PATTERNS")),
+      patterns=train_step.trainable_regexes(
+          gin_utils.macro_value("TRAINABLE_PATTERNS")
+      ),
       batch_size=gin_utils.macro_value("BATCH_SIZE"),
       lengths=dict(gin_utils.macro_value("TASK_FEATURE_LENGTHS")),
       pack=bool(gin_utils.macro_value("PACK")),
@@ -197,7 +198,7 @@ def compile_step(setup: Setup, rules):
   mesh = partitioning.make_mesh(setup.num_partitions)
   partitioning.check_batch_size(setup.batch_size, mesh)
   # The same state shardings and jitted step as trainer.build_run.
-  abstract_state, state_sharding = trainer.state_shardings(
+  abstract_state, state_sharding = train_step.state_shardings(
       model, optimizer, setup.patterns, mesh, rules
   )
   state = jax.tree.map(
@@ -210,7 +211,7 @@ def compile_step(setup: Setup, rules):
     rng = jax.ShapeDtypeStruct(
         (2,), jnp.uint32, sharding=partitioning.replicated(mesh)
     )
-    step_fn = trainer.jit_train_step(
+    step_fn = train_step.jit_train_step(
         model, optimizer, state_sharding, mesh, setup.num_microbatches
     )
     # Wall and CPU seconds (the CPU time does not count waiting for a

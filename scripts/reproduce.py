@@ -270,8 +270,8 @@ def evaluate_tasks(
   `flix.evaluation.evaluate_tasks`, with the examples cached across runs)."""
   import seqio  # pylint: disable=g-import-not-at-top
   from flix import evaluation  # pylint: disable=g-import-not-at-top
-  from flix import input_pipeline  # pylint: disable=g-import-not-at-top
-  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+  from flix import feature_converter  # pylint: disable=g-import-not-at-top
+  from flix import featurized  # pylint: disable=g-import-not-at-top
 
   rows, samples = [], []
   for task_name in task_names:
@@ -288,7 +288,7 @@ def evaluate_tasks(
         batch_size,
     )
     targets = [ex["targets_pretokenized"].decode("utf-8") for ex in examples]
-    features = input_pipeline.example_features(examples[0])
+    features = feature_converter.example_features(examples[0])
     for metric_fn in task.predict_metric_fns:
       for metric, value in metric_fn(targets, predictions).items():
         rows.append(
@@ -319,7 +319,7 @@ def adapt_and_evaluate(
 ) -> dict:
   """Trains one (method, mixture, seed) run (or reloads it) and evaluates."""
   from flix import train_step  # pylint: disable=g-import-not-at-top
-  from flix_tasks import featurized  # pylint: disable=g-import-not-at-top
+  from flix import featurized  # pylint: disable=g-import-not-at-top
 
   files = [f"reproduce/{METHODS[method][0]}", *extra_files]
   bindings = [

@@ -11,7 +11,7 @@ lacks that feature. Blank lines are skipped. A malformed line raises a
 `register_jsonl_task` scans the files once when it is called: it validates
 every line and records the feature values (all splits: they enter the feature
 vocabulary) and the feature combinations of the training split (for
-`flix_tasks.featurized.seen_pairs`). Nothing is registered at import; entry
+`flix.featurized.seen_pairs`). Nothing is registered at import; entry
 points and gin configs call `register_jsonl_task`.
 """
 
@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import seqio
 import tensorflow as tf
 
-from flix_tasks import featurized
+from flix import featurized
+from flix_tasks import metrics
 
 Patterns = Union[str, Sequence[str]]
 
@@ -228,7 +229,7 @@ def register_jsonl_task(
       preprocessors=preprocessors,
       output_features=output_features,
       metric_fns=(
-          featurized.default_metric_fns() if metric_fns is None else metric_fns
+          metrics.DEFAULT_METRIC_FNS if metric_fns is None else metric_fns
       ),
       feature_values={g: sorted(values[g]) for g in groups},
       feature_combinations=combinations,

@@ -2,7 +2,7 @@
 
 The functions reproduce the official `evaluation/metrics.py` scoring logic of
 the XTREME-UP benchmark, including its quirks, as documented in
-`/work/shared/XTREME_UP.md` (sections 3 and 4). Every metric function has the
+docs/xtreme_up.md (§3 metrics, §4 scoring). Every metric function has the
 SeqIO signature `metric_fn(targets, predictions)` and returns a dict mapping a
 metric name to a Python float, so it can be used directly in a SeqIO
 `Task(metric_fns=...)` and in offline scoring of prediction files.
@@ -424,6 +424,10 @@ def exact_match_and_cer(
       ),
       "cer": cer(targets, predictions)["cer"],
   }
+
+
+# The metrics of flix_tasks' own featurized tasks (numbers, JSONL).
+DEFAULT_METRIC_FNS = (exact_match_and_cer,)
 
 
 # ----------------------------------------------------------------------------

@@ -42,7 +42,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flix_tasks import featurized
+from flix import featurized
+from flix_tasks import metrics
 
 TASKS = ("cardinal", "ordinal", "year", "currency")
 # Latin, Cyrillic, Hebrew, Arabic and Japanese scripts; Germanic, Romance,
@@ -88,9 +89,6 @@ def output_features(
       name: seqio.Feature(vocabulary=vocabulary, add_eos=True)
       for name in ("inputs", "targets")
   }
-
-
-OUTPUT_FEATURES = output_features()
 
 
 # ---- Numbers and their spelling ----
@@ -432,7 +430,7 @@ def register_numbers(
           "numbers: held-out language %r has no training pair.", language
       )
 
-  metric_fns = featurized.default_metric_fns()
+  metric_fns = metrics.DEFAULT_METRIC_FNS
   features = output_features(vocabulary)
   names, counts = {}, {}
   for task, language in pairs:

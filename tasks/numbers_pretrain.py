@@ -46,7 +46,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from flix_tasks import featurized
+from flix import featurized
 from flix_tasks import numbers
 
 PRETRAIN_VOCABULARY = seqio.ByteVocabulary(extra_ids=125)  # vocab_size 384

@@ -35,7 +35,7 @@ Names (`{model}` is `byt5` or `mt5`; `{file}` is the file name without
   ours: `xtreme_up_multitask_{model}` (every registered task), and with a
     zero-shot hold-out `xtreme_up_multitask_zeroshot_{model}` (training: all
     but the held-out pairs) and `xtreme_up_multitask_zeroshot_eval_{model}`
-    (all pairs; `flix_tasks.featurized.seen_pairs` of the training mixture
+    (all pairs; `flix.featurized.seen_pairs` of the training mixture
     marks which are zero-shot).
 
 Language codes: the ISO code of the file name, with two reductions so that
@@ -76,7 +76,7 @@ from typing import Any, Optional, Union
 import seqio
 import tensorflow as tf
 
-from flix_tasks import featurized
+from flix import featurized
 from flix_tasks import metrics
 
 DOWNLOAD_URL = (

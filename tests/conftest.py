@@ -22,7 +22,7 @@ def t5x_tree(
     num_dec: int,
     untied: bool = True,
 ) -> dict:
-  """{path: (shape, logical axes)} of T5X_NOTES.md §1.3, written out.
+  """{path: (shape, logical axes)} of docs/mt5_reference.md §2, written out.
 
   d = emb_dim, hk = heads * head_dim, f = mlp_dim; gated-GELU MLP.
   """

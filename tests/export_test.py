@@ -13,14 +13,14 @@ import pytest
 from safetensors import numpy as safetensors_np
 
 from flix import checkpoints
-from flix import export
+from flix import adapter_export
+from flix import export as export_cli
 from flix import features as features_lib
 from flix import hf_checkpoint
 from flix import models
 from flix import network
 from flix import t5x_checkpoint
 from flix import train_step
-from flix import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_merged_model_equals_flix_model(flix_model):
   base = jax.jit(base_model.compute_logits)
   flix = jax.jit(model.compute_logits)
   for features in FEATURE_SETS:
-    merged = export.merge_features(params, SPACE, features)
+    merged = adapter_export.merge_features(params, SPACE, features)
     assert not [
         k for k in t5x_checkpoint.flatten_params(merged) if "lora_" in k
     ]
@@ -114,13 +114,15 @@ def test_merged_model_equals_flix_model(flix_model):
     got = np.asarray(base(merged, _batch(None, features)))[mask]
     np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=str(features))
   # The adapters matter: merging no feature gives other logits.
-  plain = np.asarray(base(export.base_params(params), _batch(None, {})))[mask]
+  plain = np.asarray(
+      base(adapter_export.base_params(params), _batch(None, {}))
+  )[mask]
   assert np.abs(plain - expected).max() > 1e-2
 
 
 def test_merge_math_and_dtype(flix_model):
   _, params = flix_model
-  merged = export.merge_features(
+  merged = adapter_export.merge_features(
       params, SPACE, {"task": "year", "language": "fr"}
   )
   layer = params["decoder"]["layers_1"]["encoder_decoder_attention"]["value"]
@@ -148,38 +150,40 @@ def test_merge_math_and_dtype(flix_model):
 def test_unknown_features_list_known_values(flix_model):
   _, params = flix_model
   with pytest.raises(ValueError, match="Known language values: de, en, fr"):
-    export.merge_features(params, SPACE, {"language": "klingon"})
+    adapter_export.merge_features(params, SPACE, {"language": "klingon"})
   with pytest.raises(
       ValueError, match="Known task values: cardinal, " "ordinal, year"
   ):
-    export.peft_adapter(params, SPACE, {"task": "poetry"})
+    adapter_export.peft_adapter(params, SPACE, {"task": "poetry"})
   with pytest.raises(ValueError, match="groups are: task, language"):
-    export.merge_features(params, SPACE, {"domain": "news"})
+    adapter_export.merge_features(params, SPACE, {"domain": "news"})
   with pytest.raises(ValueError, match="selects no adapter"):
-    export.peft_adapter(params, SPACE, {})
-  assert export.parse_features(" task=ordinal, language=fr ") == {
+    adapter_export.peft_adapter(params, SPACE, {})
+  assert export_cli.parse_features(" task=ordinal, language=fr ") == {
       "task": "ordinal",
       "language": "fr",
   }
   with pytest.raises(ValueError, match="group=value"):
-    export.parse_features("task:ordinal")
+    export_cli.parse_features("task:ordinal")
 
 
 def test_peft_adapter_is_the_concatenated_update(flix_model):
   _, params = flix_model
   features = {"task": "ordinal", "language": "fr"}
-  state_dict, config = export.peft_adapter(params, SPACE, features, "base")
+  state_dict, config = adapter_export.peft_adapter(
+      params, SPACE, features, "base"
+  )
   merged = t5x_checkpoint.flatten_params(
-      export.merge_features(params, SPACE, features)
+      adapter_export.merge_features(params, SPACE, features)
   )
   base = t5x_checkpoint.flatten_params(params)
-  hf_keys = set(hf_checkpoint.t5x_to_hf(export.base_params(params)))
+  hf_keys = set(hf_checkpoint.t5x_to_hf(adapter_export.base_params(params)))
   # 2 encoder layers x 7 + 2 decoder layers x 11 adapted modules.
   assert len(state_dict) == 2 * (2 * 7 + 2 * 11)
   rank = 4 + 3
   for path in merged:
     if path.endswith("/kernel") and f"{path[:-7]}/lora_a_task" in base:
-      module = export.hf_module_path(path.split("/")[:-1])
+      module = hf_checkpoint.hf_module_path(path.split("/")[:-1])
       assert f"{module}.weight" in hf_keys
       lora_a = state_dict[f"base_model.model.{module}.lora_A.weight"]
       lora_b = state_dict[f"base_model.model.{module}.lora_B.weight"]
@@ -202,7 +206,7 @@ def test_peft_rank_pattern_and_target_paths(flix_model):
   params = jax.tree.map(lambda x: x, params)
   del params["encoder"]["layers_0"]["mlp"]["wo"]["lora_a_language"]
   del params["encoder"]["layers_0"]["mlp"]["wo"]["lora_b_language"]
-  _, config = export.peft_adapter(
+  _, config = adapter_export.peft_adapter(
       params, SPACE, {"task": "ordinal", "language": "en"}
   )
   key = r"encoder\.block\.0\.layer\.1\.DenseReluDense\.wo"
@@ -218,7 +222,7 @@ def test_peft_rank_pattern_and_target_paths(flix_model):
       adapter_targets=("query", "value"),
   )
   enc_params = _random_params(models.FlixModel(enc_space))
-  _, config = export.peft_adapter(enc_params, SPACE, {"task": "year"})
+  _, config = adapter_export.peft_adapter(enc_params, SPACE, {"task": "year"})
   assert config["target_modules"] == [
       f"encoder.block.{i}.layer.0.SelfAttention.{n}"
       for i in (0, 1)
@@ -228,17 +232,17 @@ def test_peft_rank_pattern_and_target_paths(flix_model):
 
 def test_write_peft_adapter_files(flix_model, tmp_path):
   _, params = flix_model
-  export.write_peft_adapter(
+  adapter_export.write_peft_adapter(
       str(tmp_path),
       params,
       SPACE,
       {"task": "ordinal", "language": "de"},
       "hf_base",
   )
-  config = json.load(open(tmp_path / export.PEFT_CONFIG_FILE))
+  config = json.load(open(tmp_path / adapter_export.PEFT_CONFIG_FILE))
   assert config["r"] == 6 and config["base_model_name_or_path"] == "hf_base"
   state_dict = safetensors_np.load_file(
-      str(tmp_path / export.PEFT_WEIGHTS_FILE)
+      str(tmp_path / adapter_export.PEFT_WEIGHTS_FILE)
   )
   key = "base_model.model.decoder.block.1.layer.1.EncDecAttention.q"
   assert state_dict[f"{key}.lora_A.weight"].shape == (6, 16)
@@ -266,7 +270,7 @@ def checkpoint(flix_model, tmp_path_factory):
   )
   meta = {
       "feature_space": SPACE.to_dict(),
-      "model_config": trainer.config_to_dict(model.config),
+      "model_config": model.config.to_dict(),
       "base": {"initial_checkpoint": base_dir, "init_seed": 0},
       "trainable_patterns": list(train_step.ADAPTER_PATTERNS),
       "data": {
@@ -323,13 +327,13 @@ def test_cli_exports_peft_hf_t5x(flix_model, checkpoint, tmp_path):
         *extra,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    info = json.load(open(tmp_path / fmt / export.EXPORT_INFO_FILE))
+    info = json.load(open(tmp_path / fmt / adapter_export.EXPORT_INFO_FILE))
     assert info["features"] == features and info["step"] == 2
 
   # Both merged exports hold the merged params, which give the FLix logits.
   model, params = flix_model
   merged = t5x_checkpoint.flatten_params(
-      export.merge_features(params, SPACE, features)
+      adapter_export.merge_features(params, SPACE, features)
   )
   from_t5x = t5x_checkpoint.flatten_params(
       t5x_checkpoint.read_t5x_checkpoint(str(tmp_path / "t5x"))
@@ -348,11 +352,11 @@ def test_cli_exports_peft_hf_t5x(flix_model, checkpoint, tmp_path):
   assert (hf_config["d_model"], hf_config["d_ff"]) == (16, 32)
 
   # The adapter: PEFT's update is the merged minus the base kernel.
-  config = json.load(open(tmp_path / "peft" / export.PEFT_CONFIG_FILE))
+  config = json.load(open(tmp_path / "peft" / adapter_export.PEFT_CONFIG_FILE))
   assert config["r"] == 4 + 3
   assert config["base_model_name_or_path"] == str(tmp_path / "base")
   state_dict = safetensors_np.load_file(
-      str(tmp_path / "peft" / export.PEFT_WEIGHTS_FILE)
+      str(tmp_path / "peft" / adapter_export.PEFT_WEIGHTS_FILE)
   )
   module = "base_model.model.encoder.block.1.layer.1.DenseReluDense.wi_0"
   path = "encoder/layers_1/mlp/wi_0/kernel"
@@ -381,13 +385,15 @@ def test_load_model_ignores_unused_required_macros(tmp_path):
       "FEATURE_SPACE = 'not a feature space'\n"
   )
   try:
-    model = export.load_model([str(run_gin)], ["network.preset.mlp_dim = 24"])
+    model = export_cli.load_model(
+        [str(run_gin)], ["network.preset.mlp_dim = 24"]
+    )
   finally:
     gin.clear_config()
   assert model.config.mlp_dim == 24 and model.config.emb_dim == 16
   assert model.feature_space is None  # the checkpoint's space replaces it
   with pytest.raises(ValueError, match="--gin_file"):
-    export.load_model([], [])
+    export_cli.load_model([], [])
 
 
 def test_cli_unknown_value_is_an_error(checkpoint, tmp_path):

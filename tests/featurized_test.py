@@ -1,4 +1,4 @@
-"""Tests for flix_tasks.featurized: feature registry, vocabulary, seen pairs."""
+"""Tests for flix.featurized: feature registry, vocabulary, seen pairs."""
 
 import functools
 import logging
@@ -8,7 +8,8 @@ import seqio
 import tensorflow as tf
 
 from flix import features as features_lib
-from flix_tasks import featurized
+from flix import featurized
+from flix_tasks import metrics
 
 _VOCAB = seqio.ByteVocabulary()
 _OUTPUT_FEATURES = {
@@ -43,7 +44,7 @@ def _add(name, features=None, feature_values=None, rows=_ROWS, **kwargs):
       _source(rows),
       _PREPROCESSORS,
       _OUTPUT_FEATURES,
-      metric_fns=featurized.default_metric_fns(),
+      metric_fns=metrics.DEFAULT_METRIC_FNS,
       features=features,
       feature_values=feature_values,
       **kwargs

@@ -261,8 +261,8 @@ def test_tied_model(transformers, tmp_path):
 def test_real_t5x_checkpoint_round_trips_through_hf_names():
   if not os.path.isfile(os.path.join(_TINY_CKPT, "checkpoint")):
     pytest.skip(
-        f"Real T5X test checkpoint not found at "
-        f"{os.path.normpath(_TINY_CKPT)}."
+        "The tiny T5X test checkpoint (../shared/testdata) is not at"
+        f" {os.path.normpath(_TINY_CKPT)}."
     )
   tree = t5x_checkpoint.read_t5x_checkpoint(_TINY_CKPT)
   state_dict = hf_checkpoint.t5x_to_hf(tree)

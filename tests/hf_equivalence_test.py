@@ -1,10 +1,10 @@
-"""flix's network against `transformers`' MT5, and PEFT loading our export.
+"""flix's network against `transformers`' MT5, and PEFT loading our adapter_export.
 
 A tiny randomly initialised `MT5ForConditionalGeneration` is saved, imported
 with `flix.hf_checkpoint`, and run by both implementations on inputs long
 enough (140 tokens) to use every relative-position bucket, including the log
 bucket edges at distances 16, 32 and 64 and the clip past 128. Then a FLix
-feature set exported with `flix.export.write_peft_adapter` is loaded with
+feature set exported with `flix.adapter_export.write_peft_adapter` is loaded with
 `peft.PeftModel.from_pretrained` and must give flix's logits.
 """
 
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from flix import export
+from flix import adapter_export
 from flix import features as features_lib
 from flix import hf_checkpoint
 from flix import models
@@ -208,7 +208,9 @@ def test_peft_adapter_gives_flix_logits(hf_dir, flix, tmp_path):
       ({"task": "cardinal", "language": "sw"}, {"language": "fr"})
   ):
     directory = str(tmp_path / f"adapter_{i}")
-    export.write_peft_adapter(directory, params, _SPACE, features, hf_dir)
+    adapter_export.write_peft_adapter(
+        directory, params, _SPACE, features, hf_dir
+    )
     peft_model = peft.PeftModel.from_pretrained(_load_hf(hf_dir), directory)
     peft_model.eval()
     batch = _batch(_SPACE.num_groups, features)
@@ -239,7 +241,7 @@ def test_peft_rank_pattern_and_module_paths_load(
   )
   features = {"task": "ordinal", "language": "sw"}
   directory = str(tmp_path / "adapter")
-  adapter_config = export.write_peft_adapter(
+  adapter_config = adapter_export.write_peft_adapter(
       directory, params, _SPACE, features, hf_dir
   )
   assert adapter_config["r"] == 4 + 3
@@ -247,8 +249,10 @@ def test_peft_rank_pattern_and_module_paths_load(
   assert all(m.startswith("encoder.") for m in adapter_config["target_modules"])
 
   merged_dir = str(tmp_path / "merged")
-  export.write_hf_model(
-      merged_dir, export.merge_features(params, _SPACE, features), config
+  adapter_export.write_hf_model(
+      merged_dir,
+      adapter_export.merge_features(params, _SPACE, features),
+      config,
   )
   batch = _batch()
   mask = batch["decoder_target_tokens"] > 0

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import seqio
 
-from flix_tasks import converter
-from flix_tasks import featurized
+from flix import feature_converter
+from flix import featurized
 from flix_tasks import jsonl
 
 TRAIN = [
@@ -94,7 +94,7 @@ def test_missing_group_is_absent_id(files):
   train, _ = files
   jsonl.register_jsonl_task("jl_ids", train)
   space = featurized.feature_space("jl_ids")
-  conv = converter.FlixFeatureConverter(space, pack=False)
+  conv = feature_converter.FlixFeatureConverter(space, pack=False)
   ds = seqio.get_dataset(
       "jl_ids", {"inputs": 16, "targets": 8}, conv, shuffle=False
   )

@@ -274,7 +274,7 @@ def test_edit_distance_matches_naive_dp_on_random_strings():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        # The example from XTREME_UP.md section 3.
+        # The example of docs/xtreme_up.md §3.
         ("Hello, World! (test) it's  ok.", "hello world test it s ok"),
         # "?! " -> " "; "..." inside a word is not before/after a space: kept.
         ("Wait...what?! Yes", "wait...what yes"),
@@ -474,7 +474,7 @@ def test_task_metric_assignment():
 # Overall score.
 # ----------------------------------------------------------------------------
 
-# v1.0 mT5-Base task scores from XTREME_UP.md section 4.
+# v1.0 mT5-Base task scores (docs/xtreme_up.md §4).
 _MT5_BASE_V1 = {
     "transliteration": 12.8,  # CER
     "translation": 27.0,  # chrF

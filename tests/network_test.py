@@ -64,7 +64,7 @@ def t5x_tree(cfg):
   )
 
 
-# Millions of parameters (T5X_NOTES.md §1.4; ByT5: the published sizes).
+# Millions of parameters (docs/mt5_reference.md §3; ByT5: the published sizes).
 _TOTALS = {
     "mt5_small": 300.2,
     "mt5_base": 582.4,
@@ -168,7 +168,7 @@ def test_adapters_add_exactly_their_params(name, space, overrides):
 
 
 def _bucket_by_hand(n, bidirectional, num_buckets=32, max_distance=128):
-  """T5X_NOTES §1.2, n = query_pos - memory_pos, written out per scalar."""
+  """docs/mt5_reference.md §1.2, n = query_pos - memory_pos, per scalar."""
   offset = 0
   if bidirectional:
     num_buckets //= 2
@@ -493,8 +493,8 @@ def test_t5_1_1_tiny_preset_matches_real_checkpoint():
   ckpt = SHARED_TESTDATA / "t5x_t5_1_1_tiny" / "checkpoint_3"
   if not ckpt.exists():
     pytest.skip(
-        f"The shared T5X test checkpoint is not at {ckpt} "
-        "(../shared/testdata beside the repository)."
+        "The tiny T5X test checkpoint (../shared/testdata) is not at"
+        f" {ckpt}."
     )
   real = _flat(t5x_checkpoint.read_t5x_checkpoint(str(ckpt)))
   cfg = network.preset("t5_1_1_tiny")

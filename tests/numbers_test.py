@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import seqio
 
-from flix_tasks import featurized
+from flix import featurized
 from flix_tasks import numbers
 
 DEFAULT = numbers.DEFAULT

@@ -18,7 +18,7 @@ import pytest
 from flax import traverse_util
 
 from flix import checkpoints
-from flix import export
+from flix import adapter_export
 from flix import features as features_lib
 from flix import layer_layout
 from flix import models
@@ -264,9 +264,9 @@ def test_train_steps_and_optimizer_state_match():
 def base_checkpoints(tmp_path_factory):
   """The base of `_params()` as a legacy T5X and as an HF checkpoint."""
   root = tmp_path_factory.mktemp("scan_base")
-  base = export.base_params(_params())
+  base = adapter_export.base_params(_params())
   t5x_dir = t5x_checkpoint.write_t5x_checkpoint(base, str(root / "t5x"))
-  export.write_hf_model(str(root / "hf"), base, CFG)
+  adapter_export.write_hf_model(str(root / "hf"), base, CFG)
   return {"t5x": t5x_dir, "hf": str(root / "hf")}
 
 
@@ -321,7 +321,7 @@ def test_flix_checkpoints_are_per_layer_and_interchangeable(
   # Exports are per layer whatever the layout they are given.
   features = {"task": "b", "language": "w"}
   _assert_trees_close(
-      export.merge_features(loaded[True], SPACE, features),
-      export.merge_features(loaded[False], SPACE, features),
+      adapter_export.merge_features(loaded[True], SPACE, features),
+      adapter_export.merge_features(loaded[False], SPACE, features),
       tol=1e-6,
   )

@@ -24,9 +24,8 @@ _TINY_CKPT = os.path.join(
 def tiny_ckpt_dir():
   if not os.path.isfile(os.path.join(_TINY_CKPT, "checkpoint")):
     pytest.skip(
-        f"Real T5X test checkpoint not found at "
-        f"{os.path.normpath(_TINY_CKPT)} (expects the shared test data "
-        "next to the repository: <repo>/../shared/testdata)."
+        "The tiny T5X test checkpoint (../shared/testdata) is not at"
+        f" {os.path.normpath(_TINY_CKPT)}."
     )
   return _TINY_CKPT
 
@@ -37,7 +36,7 @@ def tiny_params(tiny_ckpt_dir):
 
 
 def _expected_shapes(params):
-  """T5X_NOTES.md §1.3's parameter tree, with dims read from `params`."""
+  """docs/mt5_reference.md §2's parameter tree, dims read from `params`."""
   vocab, d = params["token_embedder"]["embedding"].shape
   enc0 = params["encoder"]["layers_0"]
   hk = enc0["attention"]["query"]["kernel"].shape[1]
@@ -73,7 +72,7 @@ def test_real_checkpoint_has_the_t5x_tree(tiny_params):
     assert flat[path].shape == shape, path
     assert flat[path].dtype == np.float32, path
     assert np.all(np.isfinite(flat[path])), path
-  # Cross-check against the known tiny T5 v1.1 config (testdata/README.md).
+  # Cross-check against the tiny T5 v1.1 config (docs/mt5_reference.md §3).
   assert dims == dict(
       vocab=32128, d=4, hk=4, f=8, relpos=(2, 4), num_enc=2, num_dec=2
   )

@@ -89,24 +89,6 @@ def test_split_params_by_pattern():
     train_step.split_params(params, ["nothing_matches"])
 
 
-def test_cross_entropy_matches_reference():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
-  targets = np.array([[1, 2, 0], [4, 0, 0]])
-  weights = (targets > 0).astype(np.float32)
-  total, z_total = models.cross_entropy_with_z_loss(
-      jnp.asarray(logits), targets, weights, z_loss=1e-2
-  )
-  log_z = np.log(np.exp(logits).sum(-1))
-  nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  np.testing.assert_allclose(
-      total, ((nll + 1e-2 * log_z**2) * weights).sum(), rtol=1e-5
-  )
-  np.testing.assert_allclose(
-      z_total, (1e-2 * log_z**2 * weights).sum(), rtol=1e-5
-  )
-
-
 def test_microbatched_gradients_equal_full_batch():
   model = _model(
       features_lib.FeatureSpace(
@@ -132,19 +114,3 @@ def test_microbatched_gradients_equal_full_batch():
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *results
   )
-
-
-def test_feature_dropout_rate_and_no_dropout_at_eval():
-  ids = jnp.ones((4000, 3, 2), jnp.int32)
-  dropped = features_lib.feature_dropout(
-      ids, jax.random.PRNGKey(0), jnp.array([0.1, 0.5])
-  )
-  per_example = np.asarray(dropped[:, 0])
-  np.testing.assert_allclose((per_example == 0).mean(0), [0.1, 0.5], atol=0.03)
-  # All tokens of an example drop alike.
-  assert (np.asarray(dropped) == per_example[:, None]).all()
-  model = _model()
-  batch = _batch()
-  a, b = model._dropped_feature_ids(batch, None)  # eval: no rng, no dropout
-  np.testing.assert_array_equal(a, batch["encoder_feature_ids"])
-  np.testing.assert_array_equal(b, batch["decoder_feature_ids"])

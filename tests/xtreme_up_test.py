@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import seqio
 
-from flix_tasks import featurized
+from flix import featurized
 from flix_tasks import metrics
 from flix_tasks import xtreme_up
 

@@ -3,7 +3,7 @@
 Besides `inputs` / `targets` (and their `*_pretokenized` copies), every example
 of a featurized task carries one string scalar per feature group, named
 `feature_<group>` (e.g. `feature_task`, `feature_language`); the empty string
-means the example lacks that group. `flix_tasks.converter.FlixFeatureConverter`
+means the example lacks that group. `flix.feature_converter.FlixFeatureConverter`
 turns these strings into per-token adapter ids.
 
 This module keeps a small registry next to SeqIO's: for every featurized task,
@@ -269,25 +269,6 @@ def add_mixture(
   )
 
 
-def default_metric_fns() -> tuple[Callable[..., dict[str, float]], ...]:
-  """`(flix_tasks.metrics.exact_match_and_cer,)`, or exact match alone."""
-  try:
-    from flix_tasks import metrics  # pylint: disable=g-import-not-at-top
-
-    return (metrics.exact_match_and_cer,)
-  except ImportError:
-    logging.warning("flix_tasks.metrics unavailable; using exact match only.")
-    return (exact_match,)
-
-
-def exact_match(
-    targets: Sequence[str], predictions: Sequence[str]
-) -> dict[str, float]:
-  """Percentage of predictions equal to their target (fallback metric)."""
-  matches = [t == p for t, p in zip(targets, predictions)]
-  return {"exact_match": 100.0 * sum(matches) / max(len(matches), 1)}
-
-
 # ---- Queries ----
 
 
@@ -308,7 +289,7 @@ def task_features(task_name: str) -> TaskFeatures:
   record = _TASK_FEATURES.get(task_name)
   if record is None:
     logging.warning(
-        "Task %r was not registered with flix_tasks.featurized.add_task; it "
+        "Task %r was not registered with flix.featurized.add_task; it "
         "carries no features.",
         task_name,
     )

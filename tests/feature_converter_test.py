@@ -1,4 +1,4 @@
-"""Tests for flix_tasks.converter: per-token feature ids, packing included."""
+"""Tests for flix.feature_converter: per-token feature ids, packing included."""
 
 import logging
 
@@ -8,7 +8,7 @@ import seqio
 import tensorflow as tf
 
 from flix import features as features_lib
-from flix_tasks import converter
+from flix import feature_converter
 
 SPACE = features_lib.FeatureSpace.from_values(
     {"task": ["cardinal", "ordinal"], "language": ["de", "en", "fr"]}
@@ -56,7 +56,7 @@ def _dataset(examples=EXAMPLES, groups=("task", "language")):
 
 
 def _convert(pack, space=SPACE, ds=None, **kwargs):
-  conv = converter.FlixFeatureConverter(space, pack=pack, **kwargs)
+  conv = feature_converter.FlixFeatureConverter(space, pack=pack, **kwargs)
   out = conv(ds if ds is not None else _dataset(), LENGTHS)
   return conv, list(out.as_numpy_iterator())
 
@@ -91,7 +91,7 @@ def test_unpacked_shapes_and_ids(unpacked):
 
 
 def test_batched_shapes_through_seqio_pipeline():
-  conv = converter.FlixFeatureConverter(SPACE, pack=False)
+  conv = feature_converter.FlixFeatureConverter(SPACE, pack=False)
   batch = next(conv(_dataset(), LENGTHS).batch(4).as_numpy_iterator())
   assert batch["encoder_feature_ids"].shape == (4, 12, 2)
   assert batch["decoder_feature_ids"].shape == (4, 9, 2)
@@ -191,8 +191,8 @@ def test_missing_feature_key_and_default_group():
 
 def test_bad_arguments():
   with pytest.raises(TypeError, match="FeatureSpace"):
-    converter.FlixFeatureConverter({"task": ["a"]}, pack=False)
-  conv = converter.FlixFeatureConverter(SPACE, pack=False)
+    feature_converter.FlixFeatureConverter({"task": ["a"]}, pack=False)
+  conv = feature_converter.FlixFeatureConverter(SPACE, pack=False)
   with pytest.raises(ValueError, match="task_feature_lengths"):
     conv(_dataset(), {"inputs": 4})
 
@@ -211,8 +211,8 @@ def test_encode_examples_matches_converter():
           "features": {"task": "ordinal"},
       },
   ]
-  batch = converter.encode_examples(
-      raw, vocab, SPACE, {"inputs": 20, "targets": 9}
+  batch = feature_converter.encode_examples(
+      raw, SPACE, {"inputs": 20, "targets": 9}, vocabulary=vocab
   )
 
   def _gen():
@@ -238,7 +238,7 @@ def test_encode_examples_matches_converter():
           "targets": tf.concat([x["targets"][:8], [1]], 0),
       }
   )
-  conv = converter.FlixFeatureConverter(SPACE, pack=False)
+  conv = feature_converter.FlixFeatureConverter(SPACE, pack=False)
   expected = next(
       conv(ds, {"inputs": 20, "targets": 9}).batch(2).as_numpy_iterator()
   )
@@ -246,11 +246,11 @@ def test_encode_examples_matches_converter():
   for key in batch:
     np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
   # Inference: no targets -> all padding.
-  infer = converter.encode_examples(
+  infer = feature_converter.encode_examples(
       [{"inputs": "x", "features": {"task": "ordinal"}}],
-      vocab,
       SPACE,
       {"inputs": 4, "targets": 3},
+      vocabulary=vocab,
   )
   np.testing.assert_array_equal(infer["decoder_target_tokens"], 0)
   np.testing.assert_array_equal(
@@ -260,10 +260,49 @@ def test_encode_examples_matches_converter():
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_empty_feature_space(pack):
-  conv = converter.FlixFeatureConverter(
+  conv = feature_converter.FlixFeatureConverter(
       features_lib.FeatureSpace(groups=()), pack=pack
   )
   ds = conv(_dataset(), LENGTHS)
   assert ds.element_spec["encoder_feature_ids"].shape.as_list() == [12, 0]
   row = next(ds.as_numpy_iterator())
   assert row["decoder_feature_ids"].shape == (9, 0)
+
+
+def test_encode_examples_of_task_tokens_pads_rows_and_warns_on_unknown(caplog):
+  """Tokenized task examples (EOS included, `feature_<group>` strings), as
+  evaluation passes them: ids used as they are, rows padded to the batch."""
+  batch = feature_converter.encode_examples(
+      [
+          {
+              "inputs": np.array([5, 6, 1]),
+              "targets": np.array([8, 1]),
+              "feature_task": b"ordinal",
+              "feature_language": b"fr",
+          },
+          {
+              "inputs": np.array([7, 1]),
+              "feature_task": b"cardinal",
+              "feature_language": b"tlh",
+          },
+      ],
+      SPACE,
+      {"inputs": 4, "targets": 3},
+      batch_size=3,
+  )
+  ordinal, fr = SPACE.encode({"task": "ordinal", "language": "fr"})
+  np.testing.assert_array_equal(
+      batch["encoder_feature_ids"][0, :3], [[ordinal, fr]] * 3
+  )
+  assert batch["encoder_feature_ids"][0, 3].tolist() == [0, 0]  # padding
+  assert batch["encoder_feature_ids"][1, 0, 1] == 0  # unknown language
+  assert batch["encoder_feature_ids"][1, 0, 0] > 0  # known task still applies
+  assert "tlh" in caplog.text
+  np.testing.assert_array_equal(batch["decoder_input_tokens"][0], [0, 8, 1])
+  np.testing.assert_array_equal(batch["encoder_input_tokens"][2], 0)
+  np.testing.assert_array_equal(batch["encoder_feature_ids"][2], 0)
+  assert batch["encoder_input_tokens"].shape == (3, 4)
+  with pytest.raises(ValueError, match="need a vocabulary"):
+    feature_converter.encode_examples(
+        [{"inputs": "text"}], SPACE, {"inputs": 4, "targets": 3}
+    )

@@ -13,21 +13,21 @@ per-token features aligned with `inputs` and `targets`, which SeqIO's packing
 then concatenates exactly like the tokens.
 
 Feature strings come from the `feature_<group>` keys that featurized tasks
-carry (see `flix_tasks.featurized`). A missing key, an empty string or a value
+carry (see `flix.featurized`). A missing key, an empty string or a value
 the feature space does not know gives the group's default (usually 0, no
 feature); an unknown value also logs a warning, once per (group, value).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
 from flix import features as features_lib
-from flix_tasks import featurized
+from flix import featurized
 
 _FeatureSpec = seqio.FeatureConverter.FeatureSpec
 
@@ -38,12 +38,6 @@ DECODER_FEATURE_IDS = "decoder_feature_ids"
 def _token_key(prefix: str, group_index: int) -> str:
   """Internal per-token id feature aligned with `inputs` or `targets`."""
   return f"{prefix}_fid_{group_index}"
-
-
-def _default_id(group: features_lib.FeatureGroup) -> int:
-  if group.default is None:
-    return features_lib.NO_FEATURE
-  return group.index(group.default) + 1
 
 
 class FlixFeatureConverter(seqio.EncDecFeatureConverter):
@@ -82,7 +76,7 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
         the space does not know. This puts a `tf.py_function` (run only for
         unknown values) in the input pipeline; turn it off where the pipeline
         must be serialisable, and use
-        `flix_tasks.featurized.check_feature_values` instead.
+        `flix.featurized.check_feature_values` instead.
     """
     if not isinstance(feature_space, features_lib.FeatureSpace):
       raise TypeError(
@@ -139,7 +133,7 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
     """Scalar int32 id of each group for one example."""
     ids = []
     for group, table in zip(self._feature_space.groups, self._lookup_tables()):
-      default = tf.constant(_default_id(group), tf.int32)
+      default = tf.constant(group.default_id, tf.int32)
       key = featurized.feature_key(group.name)
       if key not in example:
         ids.append(default)
@@ -303,22 +297,34 @@ def _check_same_keys(
     )
 
 
-# ---- Plain NumPy path (inference) ----
+# ---- Plain NumPy path (evaluation, inference) ----
 
 
 def _encode_text(
-    vocabulary: seqio.Vocabulary,
-    text: Optional[str],
+    vocabulary: Optional[seqio.Vocabulary],
+    value: Union[None, str, bytes, Sequence[int], np.ndarray],
     length: int,
     add_eos: bool,
 ) -> np.ndarray:
-  """Tokenizes, trims (keeping EOS) and pads one string to `length`."""
+  """One example's token ids, trimmed and padded to `length`.
+
+  `value` is text (tokenized with `vocabulary`, EOS appended and kept when
+  trimming, as SeqIO's `append_eos_after_trim` does), already-tokenized ids
+  (a task's `inputs` / `targets`, EOS included: used as they are, trimmed),
+  or None (all padding).
+  """
   tokens = np.zeros((length,), np.int32)
-  if text is None:
+  if value is None:
     return tokens
-  ids = list(vocabulary.encode(text))
-  if add_eos:
-    ids = ids[: max(length - 1, 0)] + [vocabulary.eos_id]
+  if isinstance(value, (str, bytes)):
+    if vocabulary is None:
+      raise ValueError("Text examples need a vocabulary to be tokenized.")
+    text = value.decode("utf-8") if isinstance(value, bytes) else value
+    ids = list(vocabulary.encode(text))
+    if add_eos:
+      ids = ids[: max(length - 1, 0)] + [vocabulary.eos_id]
+  else:
+    ids = [int(t) for t in np.asarray(value).reshape(-1)]
   ids = ids[:length]
   tokens[: len(ids)] = ids
   return tokens
@@ -326,47 +332,55 @@ def _encode_text(
 
 def encode_examples(
     examples: Sequence[Mapping[str, Any]],
-    vocabulary: seqio.Vocabulary,
-    feature_space: features_lib.FeatureSpace,
+    feature_space: Optional[features_lib.FeatureSpace],
     lengths: Mapping[str, int],
+    vocabulary: Optional[seqio.Vocabulary] = None,
     output_vocabulary: Optional[seqio.Vocabulary] = None,
     add_eos: bool = True,
     bos_id: int = 0,
+    batch_size: Optional[int] = None,
 ) -> dict[str, np.ndarray]:
-  """Builds an unpacked model batch from raw examples, without TensorFlow.
+  """Builds an unpacked model batch in NumPy, as `FlixFeatureConverter` does.
+
+  The one batch builder outside tf.data (evaluation, inference, export
+  checks); tests pin it equal to the converter with `pack=False`.
 
   Args:
-    examples: dicts with `inputs` (str), optional `targets` (str; omitted or
-      None for inference: all-padding targets) and optional `features`
-      (`{group: value}`; unknown values warn and count as absent).
-    vocabulary: input vocabulary (also for targets unless given).
-    feature_space: maps feature values to ids.
+    examples: dicts with `inputs` (text, or token ids from a SeqIO task),
+      optional `targets` (same; omitted or None for inference: all-padding
+      targets) and the example's features, either as `features`
+      (`{group: value}`) or as a task's `feature_<group>` strings. Unknown
+      values warn and count as absent.
+    feature_space: maps feature values to ids (None: no adapters).
     lengths: `{"inputs": L_enc, "targets": L_dec}`.
+    vocabulary: tokenizes text inputs (and targets unless
+      `output_vocabulary` is given); not needed for token ids.
     output_vocabulary: targets vocabulary, default `vocabulary`.
-    add_eos: append EOS (kept when trimming).
+    add_eos: append EOS to text (kept when trimming).
     bos_id: decoder start id.
+    batch_size: pad with empty rows up to this many (default: no padding).
 
   Returns:
-    The same keys as `FlixFeatureConverter(pack=False)`, as int32 arrays
-    `[B, L]` (feature ids `[B, L, G]`).
+    The keys of `FlixFeatureConverter(pack=False)`: int32 `[B, L]` arrays
+    and feature ids `[B, L, G]` (0 on padding).
   """
+  space = feature_space or features_lib.FeatureSpace(groups=())
   output_vocabulary = output_vocabulary or vocabulary
   enc_len, dec_len = int(lengths["inputs"]), int(lengths["targets"])
-  encoder, targets, ids = [], [], []
-  for example in examples:
-    encoder.append(
-        _encode_text(vocabulary, example["inputs"], enc_len, add_eos)
+  batch_size = len(examples) if batch_size is None else batch_size
+  if batch_size < len(examples):
+    raise ValueError(
+        f"{len(examples)} examples do not fit a batch of {batch_size}."
     )
-    targets.append(
-        _encode_text(
-            output_vocabulary, example.get("targets"), dec_len, add_eos
-        )
+  encoder = np.zeros((batch_size, enc_len), np.int32)
+  targets = np.zeros((batch_size, dec_len), np.int32)
+  ids = np.zeros((batch_size, space.num_groups), np.int32)
+  for row, example in enumerate(examples):
+    encoder[row] = _encode_text(vocabulary, example["inputs"], enc_len, add_eos)
+    targets[row] = _encode_text(
+        output_vocabulary, example.get("targets"), dec_len, add_eos
     )
-    ids.append(feature_space.encode(example.get("features") or {}))
-  num_groups = feature_space.num_groups
-  encoder = np.stack(encoder) if encoder else np.zeros((0, enc_len), np.int32)
-  targets = np.stack(targets) if targets else np.zeros((0, dec_len), np.int32)
-  ids = np.stack(ids) if ids else np.zeros((0, num_groups), np.int32)
+    ids[row] = space.encode(example_features(example))
   decoder_inputs = np.full_like(targets, bos_id)
   decoder_inputs[:, 1:] = targets[:, :-1]
   return {
@@ -381,3 +395,17 @@ def encode_examples(
           ids[:, None, :] * (targets != 0)[:, :, None]
       ).astype(np.int32),
   }
+
+
+def example_features(example: Mapping[str, Any]) -> dict[str, str]:
+  """`{group: value}` of an example: its `features` dict, or a SeqIO task's
+  `feature_<group>` strings (empty = absent)."""
+  if "features" in example:
+    return {k: v for k, v in (example["features"] or {}).items() if v}
+  out = {}
+  for key, value in example.items():
+    if key.startswith(featurized.FEATURE_PREFIX):
+      value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+      if value:
+        out[key[len(featurized.FEATURE_PREFIX) :]] = value
+  return out

@@ -1,0 +1,107 @@
+"""Predictions for featurized inputs, as T5X's infer writes them.
+
+Input is a featurized JSONL file (`{"inputs": ..., "features": {...}}` per
+line) or a SeqIO task split; the output is JSONL with each input, its
+features and the prediction. Any feature combination may be given: an
+unseen (task, language) pair composes its adapters; an unknown value warns
+and only the known features apply. `python -m flix.infer` runs `infer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import seqio
+
+from flix import checkpoints
+from flix import evaluation
+from flix import feature_converter
+from flix import input_pipeline
+from flix import models
+
+
+def read_featurized_inputs(path: str) -> list[dict[str, Any]]:
+  """Reads `{"inputs", "features"}` lines; errors name file and line."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not valid JSON ({e}).") from e
+      if not isinstance(record, dict) or not isinstance(
+          record.get("inputs"), str
+      ):
+        raise ValueError(
+            f"{path}:{number}: expected an object with a string 'inputs'."
+        )
+      features = record.get("features", {})
+      if not isinstance(features, dict):
+        raise ValueError(f"{path}:{number}: 'features' must be an object.")
+      records.append(
+          {
+              "inputs": record["inputs"],
+              "features": {k: str(v) for k, v in features.items()},
+          }
+      )
+  return records
+
+
+def infer(
+    *,
+    model: models.FlixModel,
+    checkpoint_path: str,
+    output_dir: str,
+    task_feature_lengths: Mapping[str, int],
+    input_file: Optional[str] = None,
+    mixture_or_task_name: Optional[str] = None,
+    split: str = "test",
+    batch_size: int = 32,
+    decode_kwargs: Optional[Mapping[str, Any]] = None,
+) -> str:
+  """Predicts for every input; returns the path of the predictions JSONL."""
+  model, params, _ = checkpoints.load_for_inference(model, checkpoint_path)
+  if input_file:
+    vocabulary = seqio.ByteVocabulary()
+    records = read_featurized_inputs(input_file)
+    examples = records
+    name = os.path.splitext(os.path.basename(input_file))[0]
+  elif mixture_or_task_name:
+    task = seqio.get_mixture_or_task(mixture_or_task_name)
+    vocabulary = task.output_features["targets"].vocabulary
+    examples = input_pipeline.task_examples(
+        mixture_or_task_name, split, task_feature_lengths
+    )
+    records = [
+        {
+            "inputs": evaluation.text_of(ex["inputs_pretokenized"]),
+            "features": feature_converter.example_features(ex),
+        }
+        for ex in examples
+    ]
+    name = f"{mixture_or_task_name}-{split}"
+  else:
+    raise ValueError("Give infer.input_file or infer.mixture_or_task_name.")
+  predictions = evaluation.predict_examples(
+      model,
+      params,
+      examples,
+      vocabulary,
+      task_feature_lengths["inputs"],
+      task_feature_lengths["targets"],
+      batch_size,
+      decode_kwargs,
+  )
+  os.makedirs(output_dir, exist_ok=True)
+  path = os.path.join(output_dir, f"{name}-predictions.jsonl")
+  with open(path, "w", encoding="utf-8") as f:
+    for record, prediction in zip(records, predictions):
+      f.write(
+          json.dumps({**record, "prediction": prediction}, ensure_ascii=False)
+          + "\n"
+      )
+  return path

@@ -1,0 +1,68 @@
+"""The repository stands alone: it cites only files it contains.
+
+Notes outside the repository (design or research notes, machine paths) are
+not available to users; the facts the code relies on live in docs/. Tests may
+read the tiny T5X test checkpoint beside the repository (../shared/testdata)
+and say so when skipping.
+"""
+
+import pathlib
+import re
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_TEXT_SUFFIXES = {".py", ".md", ".gin", ".sh", ".toml", ".ini", ".cfg", ".txt"}
+_SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache"}
+# Spelled in pieces so that this file does not match itself.
+_EXTERNAL_NOTES = re.compile(
+    "|".join(
+        [
+            r"DESIGN" + r"\.md",
+            r"T5X" + r"_NOTES",
+            r"XTREME_UP" + r"\.md",
+            r"ANCHORS" + r"\.md",
+            r"STYLE" + r"\.md",
+            r"/" + r"work/",
+        ]
+    )
+)
+_SHARED_DIR = re.compile(r"\.\./" + r"shared|" + r"shared/" + r"testdata")
+_DOCS_CITATION = re.compile(r"\bdocs/[\w/.-]+\.md\b")
+
+
+def _text_files():
+  for path in sorted(REPO.rglob("*")):
+    relative = path.relative_to(REPO)
+    if _SKIPPED_DIRS.intersection(relative.parts) or not path.is_file():
+      continue
+    if path.suffix in _TEXT_SUFFIXES and "egg-info" not in str(relative):
+      yield relative, path.read_text(encoding="utf-8", errors="replace")
+
+
+def _hits(pattern):
+  return [
+      f"{relative}:{number}: {line.strip()}"
+      for relative, text in _text_files()
+      for number, line in enumerate(text.splitlines(), start=1)
+      if pattern.search(line)
+  ]
+
+
+def test_no_citation_of_notes_outside_the_repository():
+  assert not _hits(_EXTERNAL_NOTES), "\n".join(_hits(_EXTERNAL_NOTES))
+
+
+def test_shared_test_data_is_named_only_by_tests():
+  outside_tests = [h for h in _hits(_SHARED_DIR) if not h.startswith("tests")]
+  assert not outside_tests, "\n".join(outside_tests)
+
+
+def test_cited_docs_exist():
+  missing = sorted(
+      {
+          f"{relative}: {match}"
+          for relative, text in _text_files()
+          for match in _DOCS_CITATION.findall(text)
+          if not (REPO / match).is_file()
+      }
+  )
+  assert not missing, "\n".join(missing)
