@@ -51,6 +51,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import dataclasses
+import json
 import math
 import time
 import warnings
@@ -327,7 +328,7 @@ def main(argv=None):
       f"{_gib(row['temp'])} | {_gib(row['code'])} | {_gib(row['alias'])} | "
       f"{_gib(row['peak'])} | {row['peak'] / TPU_V4_HBM:.0%} |"
   )
-  print("bytes:", {**row, **info})
+  print("RESULT " + json.dumps({**row, **info}))
 
 
 if __name__ == "__main__":
