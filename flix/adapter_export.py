@@ -341,8 +341,12 @@ def export(
     base_model_name_or_path: Optional[str] = None,
     base_output: Optional[str] = None,
     overwrite: bool = False,
+    vocabulary: Any = None,
 ) -> str:
   """Exports a flix checkpoint's feature set; returns the output directory.
+
+  A SentencePiece vocabulary (the checkpoint's, `flix.vocabularies`) is
+  written beside the weights as `spiece.model`.
 
   Args:
     model: a `models.FlixModel` with the training run's network sizes (its
@@ -356,7 +360,11 @@ def export(
       config; default `base_output`, else the run's initial checkpoint.
     base_output: peft: also write the frozen base as an HF model here.
     overwrite: replace files in a non-empty `output`.
+    vocabulary: a vocabulary named by the caller ('bytes', a SentencePiece
+      .model path); it must agree with the recorded one.
   """
+  from flix import vocabularies  # pylint: disable=g-import-not-at-top
+
   if output_format not in FORMATS:
     raise ValueError(
         f"Unknown format {output_format!r}; use one of "
@@ -375,10 +383,17 @@ def export(
     )
   space = features_lib.FeatureSpace.from_dict(saved_space or {"groups": []})
   space.resolve(features, strict=True)
+  vocabulary = vocabularies.vocabulary_for_checkpoint(
+      checkpoint,
+      vocabulary,
+      embedding_rows=model.config.vocab_size,
+      required=False,
+  )
   model, params, meta = checkpoints.load_for_inference(model, checkpoint)
   if output_format == "peft":
     if base_output:
       write_hf_model(base_output, base_params(params), model.config)
+      vocabularies.write_sentencepiece(vocabulary, base_output)
     base_model_name_or_path = (
         base_model_name_or_path
         or base_output
@@ -393,12 +408,14 @@ def export(
       t5x_checkpoint.write_t5x_checkpoint(
           merged, output, step=int(meta.get("step") or 0), overwrite=True
       )
+  vocabularies.write_sentencepiece(vocabulary, output)
   info = {
       "checkpoint": os.path.abspath(checkpoint),
       "step": meta.get("step"),
       "format": output_format,
       "features": {g.name: v for g, v in space.resolve(features, strict=True)},
       "feature_space": space.to_dict(),
+      "vocabulary": vocabularies.describe(vocabulary) if vocabulary else None,
   }
   with open(os.path.join(output, EXPORT_INFO_FILE), "w") as f:
     json.dump(info, f, indent=2, ensure_ascii=False)

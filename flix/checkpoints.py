@@ -7,7 +7,8 @@ A run's checkpoint `MODEL_DIR/checkpoints/<step>/` holds three items:
   opt_state  their optimizer state
   meta       JSON: feature vocabulary, network config, the base reference
              (`initial_checkpoint` path or `init_seed`), trainable patterns,
-             data position (batches consumed), step
+             data position (batches consumed), step, the token vocabulary
+             (`flix.vocabularies`)
 
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a crash mid-save leaves the previous checkpoint as the latest.
@@ -189,13 +190,17 @@ def load_any_params(path: str) -> PyTree:
 
 
 def restore_base_params(
-    target: PyTree, path: str, fresh_patterns: tuple[str, ...] = ()
+    target: PyTree,
+    path: str,
+    fresh_patterns: tuple[str, ...] = (),
+    config: Optional[Any] = None,
 ) -> PyTree:
   """Fills every param of `target` from the checkpoint at `path`.
 
   Params matching `fresh_patterns` (the adapters) keep their initial values.
-  Every other param must be found with the same shape: a missing or
-  mis-shaped one is an error naming it (no silent random init).
+  Every other param must be found with the same shape, and every base param
+  of the checkpoint must be used: a missing, unused or mis-shaped one is an
+  error naming it and the shapes (no silent random init).
 
   Args:
     target: nested dict of initial arrays (defines names and shapes), per
@@ -203,10 +208,16 @@ def restore_base_params(
     path: checkpoint location, see `load_any_params`.
     fresh_patterns: regexes of params that start fresh (matched against the
       per-layer names).
+    config: the network's `T5Config`; a Hugging Face checkpoint's config must
+      then match it (activations, position buckets, logits form, sizes).
 
   Returns:
     nested dict like `target`, in its layout.
   """
+  if config is not None and os.path.isdir(path) and _is_hf(path):
+    from flix import hf_checkpoint  # pylint: disable=g-import-not-at-top
+
+    hf_checkpoint.check_network_config(path, config)
   stacked = layer_layout.is_stacked(target)
   target = layer_layout.unstack_layers(target)
   loaded = traverse_util.flatten_dict(load_any_params(path), sep="/")
@@ -224,13 +235,22 @@ def restore_base_params(
       )
     else:
       out[name] = np.asarray(loaded[name], dtype=value.dtype)
-  if missing or wrong:
+  target_names = set(traverse_util.flatten_dict(target, sep="/"))
+  unused = [
+      f"{name} {tuple(value.shape)}"
+      for name, value in sorted(loaded.items())
+      if name not in target_names
+      and not layers.ADAPTER_LEAF_RE.match(name.rsplit("/", 1)[-1])
+  ]
+  if missing or wrong or unused:
     raise ValueError(
         f"Base checkpoint {path} does not fit the model: "
         f"{len(missing)} params missing ({', '.join(missing[:5])}"
         f"{', ...' if len(missing) > 5 else ''}); {len(wrong)} with another "
-        f"shape ({'; '.join(wrong[:5])}). Check the model gin (sizes) "
-        "against the checkpoint."
+        f"shape ({'; '.join(wrong[:5])}); {len(unused)} the model does not "
+        f"have ({', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''})"
+        ". Check the model gin (sizes, logits_via_embedding) against the "
+        "checkpoint."
     )
   return layer_layout.to_layout(
       traverse_util.unflatten_dict(out, sep="/"), stacked
@@ -269,6 +289,7 @@ def load_for_inference(model, path: str):
         layer_layout.unstack_layers(jax.eval_shape(model.init_params, rng)),
         base["initial_checkpoint"],
         fresh_patterns=(layers.ADAPTER_PATH_PATTERN,),
+        config=model.config,
     )
   else:
     params = layer_layout.unstack_layers(

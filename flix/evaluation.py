@@ -28,6 +28,7 @@ from flix import feature_converter
 from flix import featurized
 from flix import input_pipeline
 from flix import models
+from flix import vocabularies
 
 PyTree = Any
 
@@ -118,8 +119,12 @@ def evaluate_tasks(
     batch_size: int = 32,
     max_examples_per_task: Optional[int] = None,
     decode_kwargs: Optional[Mapping[str, Any]] = None,
+    vocabulary: Optional[seqio.Vocabulary] = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """Decodes every task's split and computes its metrics per feature set.
+
+  `vocabulary` is the model's (`vocabularies.vocabulary_for_checkpoint`):
+  every task must tokenize with it; None uses each task's own.
 
   Returns:
     (result rows, prediction records with inputs/target/prediction/features).
@@ -133,12 +138,13 @@ def evaluate_tasks(
     if not examples:
       logging.warning("Task %s has no %s examples; skipped.", task_name, split)
       continue
-    vocabulary = task.output_features["targets"].vocabulary
+    if vocabulary is not None:
+      vocabularies.check_task(task_name, vocabulary)
     predictions = predict_examples(
         model,
         params,
         examples,
-        vocabulary,
+        vocabulary or task.output_features["targets"].vocabulary,
         task_feature_lengths["inputs"],
         task_feature_lengths["targets"],
         batch_size,
@@ -329,14 +335,18 @@ def evaluate(
     max_examples_per_task: Optional[int] = None,
     decode_kwargs: Optional[Mapping[str, Any]] = None,
     heatmap_metric: Optional[str] = "exact_match",
+    vocabulary: Optional[seqio.Vocabulary] = None,
 ) -> dict:
   """Evaluates a model (or a training run) on a mixture's tasks.
 
-  Called by the trainer with `run`, `step`, `model_dir`, or with `model` and
-  `params` (see `evaluate_checkpoint`).
+  Called by the trainer with `run`, `step`, `model_dir`, or with `model`,
+  `params` and `vocabulary` (see `evaluate_checkpoint`).
   """
   if run is not None:
     model, params = run.model, run.params
+    vocabulary = vocabularies.vocabulary_for_checkpoint(
+        run.meta, required=False
+    )
   output_dir = output_dir or os.path.join(model_dir, "eval")
   mixture = seqio.get_mixture_or_task(mixture_or_task_name)
   task_names = (
@@ -355,6 +365,7 @@ def evaluate(
       batch_size,
       max_examples_per_task,
       decode_kwargs,
+      vocabulary,
   )
   name = f"results-{split}" + (f"-{step}" if step is not None else "")
   paths = write_results(rows, output_dir, name, heatmap_metric)
@@ -393,12 +404,21 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     max_examples_per_task: Optional[int] = None,
     decode_kwargs: Optional[Mapping[str, Any]] = None,
+    vocabulary: vocabularies.VocabularySpec = None,
 ) -> dict:
   """Loads a flix checkpoint and `evaluate`s it (`python -m flix.eval`).
 
   The checkpoint's saved feature vocabulary replaces the model's; the
-  training mixture (for the zero-shot flags) defaults to the run's.
+  training mixture (for the zero-shot flags) defaults to the run's. The
+  tasks must tokenize with the checkpoint's vocabulary (recorded, or named
+  by `vocabulary`; see `flix.vocabularies`).
   """
+  vocabulary = vocabularies.vocabulary_for_checkpoint(
+      checkpoint_path,
+      vocabulary,
+      embedding_rows=model.config.vocab_size,
+      required=False,
+  )
   model, params, meta = checkpoints.load_for_inference(model, checkpoint_path)
   training_mixture = training_mixture or meta.get("data", {}).get(
       "mixture_or_task_name"
@@ -415,4 +435,5 @@ def evaluate_checkpoint(
       batch_size=batch_size,
       max_examples_per_task=max_examples_per_task,
       decode_kwargs=decode_kwargs,
+      vocabulary=vocabulary,
   )

@@ -88,6 +88,12 @@ def _define_flags() -> None:
       "peft: also write the frozen base as an HF model here.",
   )
   flags.DEFINE_bool("overwrite", False, "Replace files in a non-empty output.")
+  flags.DEFINE_string(
+      "vocabulary",
+      None,
+      "'bytes' or a SentencePiece .model path, for checkpoints that record "
+      "none (default: the recorded one).",
+  )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -104,6 +110,7 @@ def main(argv: Sequence[str]) -> None:
         base_model_name_or_path=f.base_model_name_or_path,
         base_output=f.base_output,
         overwrite=f.overwrite,
+        vocabulary=f.vocabulary,
     )
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(f"flix.export: error: {e}")

@@ -33,9 +33,22 @@ needed. Non-gated MLPs (T5 v1.0) use `wi` on both sides.
 `encoder.embed_tokens.weight` / `decoder.embed_tokens.weight` are tied copies
 of `shared.weight`; `save_pretrained` omits them (checked with transformers
 5.24), so `t5x_to_hf` does not emit them and `hf_to_t5x` accepts them when
-they equal `shared.weight`. A tied `lm_head` (T5 v1.0) is absent from the
-saved file; the T5X tree then has no `decoder/logits_dense` (T5X's
-`logits_via_embedding=True`).
+they equal `shared.weight`.
+
+The output projection comes in three forms; the checkpoint decides which
+(`logits_form`, checked against transformers 5.24's logits):
+
+  form                     checkpoint                    flix network
+  released mT5, T5 v1.1    lm_head.weight present        untied
+  transformers-5 MT5       no lm_head.weight (MT5Config  tied, not rescaled
+                           forces tie_word_embeddings)
+  T5 v1.0 (model_type t5)  no lm_head.weight             tied, rescaled
+
+Tied means no `decoder/logits_dense` in the T5X tree (T5X's
+`logits_via_embedding=True`). Rescaled means the decoder output times
+d**-0.5 before the projection (`T5Config.scale_decoder_outputs`): MT5's
+forward never does it; T5's does when `config.scale_decoder_outputs` is true,
+or, for configs without that key, when `tie_word_embeddings` is not false.
 """
 
 from __future__ import annotations
@@ -44,10 +57,11 @@ import collections
 import json
 import os
 import re
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from flax import traverse_util
+import safetensors
 from safetensors import numpy as safetensors_np
 
 PyTree = Any
@@ -397,6 +411,21 @@ def read_hf_checkpoint(directory: str) -> StateDict:
   )
 
 
+def read_hf_weight_names(directory: str) -> set[str]:
+  """The keys of an HF checkpoint, reading no tensor for safetensors."""
+  directory = os.fspath(directory)
+  for index_file in (SAFETENSORS_INDEX_FILE, PYTORCH_INDEX_FILE):
+    path = os.path.join(directory, index_file)
+    if os.path.isfile(path):
+      with open(path) as f:
+        return set(json.load(f)["weight_map"])
+  path = os.path.join(directory, SAFETENSORS_FILE)
+  if os.path.isfile(path):
+    with safetensors.safe_open(path, framework="np") as f:
+      return set(f.keys())
+  return set(read_hf_checkpoint(directory))
+
+
 def read_hf_config(directory: str) -> dict[str, Any]:
   """Returns the parsed `config.json` of an HF model directory."""
   path = os.path.join(os.fspath(directory), CONFIG_FILE)
@@ -424,19 +453,63 @@ def _mlp_activations(config: Mapping[str, Any]) -> tuple[str, ...]:
   return (activation, "linear") if len(parts) == 2 else (activation,)
 
 
-def t5_config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
-  """Maps an HF (m)T5 `config.json` dict to our network dimensions.
+SUPPORTED_MODEL_TYPES = ("mt5", "t5")
+
+
+def logits_form(
+    config: Mapping[str, Any], weight_names: Iterable[str]
+) -> dict[str, bool]:
+  """How an HF checkpoint computes its logits (see the module docstring).
 
   Args:
     config: HF config dict (`read_hf_config`).
+    weight_names: the checkpoint's keys (`read_hf_weight_names`).
+
+  Returns:
+    `{'logits_via_embedding': tied, 'scale_decoder_outputs': rescaled}`.
+
+  Raises:
+    ValueError: for a model type other than mt5 and t5.
+  """
+  model_type = config.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(
+        f"HF config model_type {model_type!r} is not supported: flix "
+        f"imports {' and '.join(SUPPORTED_MODEL_TYPES)} checkpoints (umT5, "
+        "for one, has a position bias per layer)."
+    )
+  if model_type == "mt5":
+    rescaled = False
+  elif "scale_decoder_outputs" in config:
+    rescaled = bool(config["scale_decoder_outputs"])
+  else:  # Configs from before transformers 5 say it with the tie flag.
+    rescaled = config.get("tie_word_embeddings") is not False
+  return {
+      "logits_via_embedding": "lm_head.weight" not in set(weight_names),
+      "scale_decoder_outputs": rescaled,
+  }
+
+
+def t5_config_from_hf(
+    config: Mapping[str, Any], weight_names: Iterable[str]
+) -> dict[str, Any]:
+  """Maps an HF (m)T5 checkpoint to our network config fields.
+
+  Args:
+    config: HF config dict (`read_hf_config`).
+    weight_names: the checkpoint's keys (`read_hf_weight_names`); they decide
+      tied vs untied (transformers 5 writes `tie_word_embeddings: true` for
+      every MT5, untied or not).
 
   Returns:
     `{'vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim',
     'num_encoder_layers', 'num_decoder_layers', 'mlp_activations',
-    'relative_attention_num_buckets', 'relative_attention_max_distance'}`;
-    `mlp_activations` is `('gelu', 'linear')` for 'gated-gelu' (HF's
-    gelu_new equals T5X's tanh-approximate gelu). Note HF's non-gated 'gelu'
-    is the exact erf GELU, which maps to T5X 'gelu' only approximately.
+    'relative_attention_num_buckets', 'relative_attention_max_distance',
+    'logits_via_embedding', 'scale_decoder_outputs'}`, `T5Config` keyword
+    arguments; `mlp_activations` is `('gelu', 'linear')` for 'gated-gelu'
+    (HF's gelu_new equals T5X's tanh-approximate gelu). Note HF's non-gated
+    'gelu' is the exact erf GELU, which maps to T5X 'gelu' only
+    approximately.
   """
   num_layers = int(config.get("num_layers", 8))
   num_decoder_layers = config.get("num_decoder_layers")
@@ -457,7 +530,37 @@ def t5_config_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
       "relative_attention_max_distance": int(
           config.get("relative_attention_max_distance", 128)
       ),
+      **logits_form(config, weight_names),
   }
+
+
+def check_network_config(directory: str, network_config: Any) -> None:
+  """Raises unless `network_config` computes the HF checkpoint's model.
+
+  Args:
+    directory: an HF model directory.
+    network_config: a `t5_config.T5Config`.
+
+  Raises:
+    ValueError: naming every field on which checkpoint and network differ.
+  """
+  expected = t5_config_from_hf(
+      read_hf_config(directory), read_hf_weight_names(directory)
+  )
+  actual = {name: getattr(network_config, name) for name in expected}
+  actual["scale_decoder_outputs"] = network_config.rescales_logits
+  actual["mlp_activations"] = tuple(actual["mlp_activations"])
+  differences = [
+      f"{name}: checkpoint {expected[name]!r} vs network {actual[name]!r}"
+      for name in expected
+      if expected[name] != actual[name]
+  ]
+  if differences:
+    raise ValueError(
+        f"The Hugging Face checkpoint {directory} is not the configured "
+        f"network: {'; '.join(differences)}. Set these in the model gin "
+        "(e.g. --gin.network.preset.emb_dim=512)."
+    )
 
 
 def hf_config_from_t5_config(
@@ -465,8 +568,10 @@ def hf_config_from_t5_config(
 ) -> dict[str, Any]:
   """Builds an HF `MT5Config`-style dict from our network dims.
 
-  The inverse of `t5_config_from_hf`; mT5 defaults for everything else
-  (untied lm_head, pad 0, eos 1, decoder start 0, eps 1e-6).
+  The inverse of `t5_config_from_hf`: model_type 'mt5', or 't5' with
+  `scale_decoder_outputs` when the logits are rescaled (only transformers'
+  T5 rescales); `tie_word_embeddings` from `logits_via_embedding`; mT5
+  defaults for everything else (pad 0, eos 1, decoder start 0, eps 1e-6).
 
   Args:
     dims: output of `t5_config_from_hf` (or the same keys).
@@ -481,9 +586,14 @@ def hf_config_from_t5_config(
         f"No HF feed_forward_proj for mlp_activations "
         f"{activations}; supported: {sorted(_T5X_TO_HF_PROJ)}."
     )
+  tied = bool(dims.get("logits_via_embedding", False))
+  rescaled = dims.get("scale_decoder_outputs")
+  rescaled = tied if rescaled is None else bool(rescaled)
+  # Only transformers' T5 rescales; MT5 is the mT5 default.
+  model_type = "t5" if rescaled else "mt5"
   config = {
-      "architectures": ["MT5ForConditionalGeneration"],
-      "model_type": "mt5",
+      "architectures": [f"{model_type.upper()}ForConditionalGeneration"],
+      "model_type": model_type,
       "vocab_size": int(dims["vocab_size"]),
       "d_model": int(dims["emb_dim"]),
       "d_kv": int(dims["head_dim"]),
@@ -502,13 +612,15 @@ def hf_config_from_t5_config(
       "layer_norm_epsilon": 1e-6,
       "initializer_factor": 1.0,
       "is_encoder_decoder": True,
-      "tie_word_embeddings": False,
+      "tie_word_embeddings": tied,
       "use_cache": True,
       "pad_token_id": 0,
       "eos_token_id": 1,
       "decoder_start_token_id": 0,
       "tokenizer_class": "T5Tokenizer",
   }
+  if rescaled:
+    config["scale_decoder_outputs"] = True
   config.update(overrides)
   return config
 

@@ -13,13 +13,12 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
-import seqio
-
 from flix import checkpoints
 from flix import evaluation
 from flix import feature_converter
 from flix import input_pipeline
 from flix import models
+from flix import vocabularies
 
 
 def read_featurized_inputs(path: str) -> list[dict[str, Any]]:
@@ -62,17 +61,31 @@ def infer(
     split: str = "test",
     batch_size: int = 32,
     decode_kwargs: Optional[Mapping[str, Any]] = None,
+    vocabulary: vocabularies.VocabularySpec = None,
 ) -> str:
-  """Predicts for every input; returns the path of the predictions JSONL."""
+  """Predicts for every input; returns the path of the predictions JSONL.
+
+  Text is tokenized and predictions detokenized with the checkpoint's
+  vocabulary (recorded at training, or named by `vocabulary`: 'bytes' or a
+  SentencePiece .model path; see `flix.vocabularies`); a task split must
+  tokenize with it too.
+  """
+  vocabulary = vocabularies.vocabulary_for_checkpoint(
+      checkpoint_path,
+      vocabulary,
+      embedding_rows=model.config.vocab_size,
+      required=bool(input_file),
+  )
   model, params, _ = checkpoints.load_for_inference(model, checkpoint_path)
   if input_file:
-    vocabulary = seqio.ByteVocabulary()
     records = read_featurized_inputs(input_file)
     examples = records
     name = os.path.splitext(os.path.basename(input_file))[0]
   elif mixture_or_task_name:
-    task = seqio.get_mixture_or_task(mixture_or_task_name)
-    vocabulary = task.output_features["targets"].vocabulary
+    if vocabulary is None:
+      vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
+    else:
+      vocabularies.check_task(mixture_or_task_name, vocabulary)
     examples = input_pipeline.task_examples(
         mixture_or_task_name, split, task_feature_lengths
     )

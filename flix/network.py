@@ -265,9 +265,11 @@ class Decoder(nn.Module):
     )
     y = t5_layers.LayerNorm(cfg.dtype, name="decoder_norm")(y)
     y = t5_layers.dropout(cfg, y, deterministic)
+    if cfg.rescales_logits:  # T5 1.0 and T5X's tied logits.
+      y = y.astype(jnp.float32) * (y.shape[-1] ** -0.5)
     if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1])
-    else:  # T5 v1.1 / mT5: untied, in float32, no rescaling.
+      logits = self.shared_embedding.attend(y)
+    else:  # T5 v1.1 / mT5: untied, in float32.
       logits = t5_layers.dense(
           cfg,
           "logits_dense",

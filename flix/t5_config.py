@@ -72,7 +72,12 @@ class T5Config:
     mlp_activations: one activation per input projection (`flax.linen` names
       or 'linear'), multiplied elementwise: ('gelu', 'linear') is gated GELU.
     dropout_rate: the one rate used everywhere.
-    logits_via_embedding: tie logits to the embedding (T5 1.0 style).
+    logits_via_embedding: the output projection is the token embedding
+      (tied; T5 1.0, transformers' MT5 without an `lm_head.weight`).
+    scale_decoder_outputs: multiply the decoder output by emb_dim**-0.5
+      before the output projection. None: exactly when logits_via_embedding
+      (T5X, T5 1.0). transformers' MT5 never rescales, also when tied; its T5
+      follows `config.scale_decoder_outputs` (`hf_checkpoint.logits_form`).
     float32_attention_logits: compute q.k and softmax in float32.
     relative_attention_num_buckets: relative position buckets per stack.
     relative_attention_max_distance: distance of the last (log) bucket.
@@ -104,6 +109,7 @@ class T5Config:
   mlp_activations: tuple[str, ...] = ("gelu", "linear")
   dropout_rate: float = 0.1
   logits_via_embedding: bool = False
+  scale_decoder_outputs: Optional[bool] = None
   float32_attention_logits: bool = False
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
@@ -200,6 +206,14 @@ class T5Config:
         if field.name != "feature_space"
         for value in [getattr(self, field.name)]
     }
+
+  @property
+  def rescales_logits(self) -> bool:
+    """Whether the decoder output is scaled by emb_dim**-0.5 before the
+    output projection (`scale_decoder_outputs`, default: when tied)."""
+    if self.scale_decoder_outputs is None:
+      return self.logits_via_embedding
+    return self.scale_decoder_outputs
 
   def adapted(self, stack: str) -> tuple[str, ...]:
     """Names of the dense layers with adapters in `stack`."""

@@ -75,6 +75,7 @@ def build_run(
           jax.tree.map(np.asarray, params),
           initial_checkpoint_path,
           fresh_patterns=train_step_lib.ADAPTER_PATTERNS,
+          config=model.config,
       )
       params = jax.device_put(loaded, param_sharding)
     state = jax.jit(
@@ -248,7 +249,11 @@ def train(
   }
 
   from flix import input_pipeline  # pylint: disable=g-import-not-at-top
+  from flix import vocabularies  # pylint: disable=g-import-not-at-top
 
+  vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
+  vocabularies.check_fits(vocabulary, model.config.vocab_size)
+  run.meta[vocabularies.META_KEY] = vocabularies.record(vocabulary, model_dir)
   batches = input_pipeline.train_batches(
       mixture_or_task_name,
       task_feature_lengths,

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+import conftest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
     "--gin_file=configs/models/tiny.gin",
@@ -24,17 +26,7 @@ TINY = [
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
 
 
-def _run(module, *args):
-  result = subprocess.run(
-      [sys.executable, "-m", module, *args],
-      cwd=REPO,
-      env=_ENV,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result.stderr + result.stdout
+_run = conftest.run_module
 
 
 def _run_and_kill(module, args, log_line, committed_dir):

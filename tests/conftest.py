@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -68,3 +70,20 @@ def t5x_tree(
 def t5x_shapes(*args, **kwargs) -> dict:
   """{path: shape} of `t5x_tree`."""
   return {path: shape for path, (shape, _) in t5x_tree(*args, **kwargs).items()}
+
+
+def run_module(module: str, *args: str, env=None) -> str:
+  """Runs `python -m module args` from the repository root; asserts it
+  succeeded and returns its output (stderr + stdout)."""
+  result = subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=REPO,
+      env=dict(
+          os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", **env or {}
+      ),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stderr + result.stdout

@@ -137,7 +137,8 @@ def test_t5x_to_hf_inverts_hf_to_t5x(saved_model):
 def test_config_dims(saved_model):
   _, directory = saved_model
   dims = hf_checkpoint.t5_config_from_hf(
-      hf_checkpoint.read_hf_config(directory)
+      hf_checkpoint.read_hf_config(directory),
+      hf_checkpoint.read_hf_weight_names(directory),
   )
   assert dims == {
       "vocab_size": 64,
@@ -150,6 +151,8 @@ def test_config_dims(saved_model):
       "mlp_activations": ("gelu", "linear"),
       "relative_attention_num_buckets": 8,
       "relative_attention_max_distance": 16,
+      "logits_via_embedding": False,
+      "scale_decoder_outputs": False,
   }
 
 
@@ -163,7 +166,9 @@ def test_write_hf_checkpoint_loads_in_transformers(
   hf_config = hf_checkpoint.read_hf_config(directory)
   tree = hf_checkpoint.hf_to_t5x(hf_checkpoint.read_hf_checkpoint(directory))
   if config_kind == "dims":
-    config = hf_checkpoint.t5_config_from_hf(hf_config)
+    config = hf_checkpoint.t5_config_from_hf(
+        hf_config, hf_checkpoint.read_hf_weight_names(directory)
+    )
   else:
     config = hf_config
   out = str(tmp_path / "export")
@@ -357,11 +362,45 @@ def test_hf_config_round_trip():
       "mlp_activations": ("gelu", "linear"),
       "relative_attention_num_buckets": 32,
       "relative_attention_max_distance": 128,
+      "logits_via_embedding": False,
+      "scale_decoder_outputs": False,
   }
+  untied = {"shared.weight", "lm_head.weight"}
   hf_config = hf_checkpoint.hf_config_from_t5_config(dims)
   assert hf_config["feed_forward_proj"] == "gated-gelu"
   assert hf_config["tie_word_embeddings"] is False
-  assert hf_checkpoint.t5_config_from_hf(hf_config) == dims
+  assert hf_config["model_type"] == "mt5"
+  assert hf_checkpoint.t5_config_from_hf(hf_config, untied) == dims
   assert hf_checkpoint.t5_config_from_hf(
-      {**hf_config, "feed_forward_proj": "relu", "num_decoder_layers": None}
+      {**hf_config, "feed_forward_proj": "relu", "num_decoder_layers": None},
+      untied,
   ) == {**dims, "mlp_activations": ("relu",)}
+  # Tied forms: transformers' MT5 does not rescale, only its T5 can.
+  for rescaled in (False, True):
+    tied = {**dims, "logits_via_embedding": True}
+    tied["scale_decoder_outputs"] = rescaled
+    hf_config = hf_checkpoint.hf_config_from_t5_config(tied)
+    assert hf_config["model_type"] == ("t5" if rescaled else "mt5")
+    assert hf_checkpoint.t5_config_from_hf(hf_config, {"shared.weight"}) == (
+        tied
+    )
+
+
+def test_logits_form_follows_transformers_config_rules(transformers):
+  """Rescaled exactly when transformers' configs say so (its T5 only)."""
+  for model_type, extra in (
+      ("mt5", {}),
+      ("mt5", {"tie_word_embeddings": False}),
+      ("t5", {}),
+      ("t5", {"tie_word_embeddings": False}),
+      ("t5", {"tie_word_embeddings": True, "scale_decoder_outputs": False}),
+      ("t5", {"tie_word_embeddings": False, "scale_decoder_outputs": True}),
+  ):
+    config = {"model_type": model_type, **extra}
+    form = hf_checkpoint.logits_form(config, {"shared.weight"})
+    loaded = transformers.AutoConfig.for_model(model_type, **extra)
+    assert form["scale_decoder_outputs"] == bool(
+        getattr(loaded, "scale_decoder_outputs", False)
+    ), config
+  with pytest.raises(ValueError, match="model_type 'umt5' is not supported"):
+    hf_checkpoint.logits_form({"model_type": "umt5"}, ())

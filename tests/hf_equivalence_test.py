@@ -5,8 +5,14 @@ with `flix.hf_checkpoint`, and run by both implementations on inputs long
 enough (140 tokens) to use every relative-position bucket, including the log
 bucket edges at distances 16, 32 and 64 and the clip past 128. Then a FLix
 feature set exported with `flix.adapter_export.write_peft_adapter` is loaded with
-`peft.PeftModel.from_pretrained` and must give flix's logits.
+`peft.PeftModel.from_pretrained` and must give flix's logits. Last, the
+three forms of the output projection (released mT5 untied, transformers 5's
+tied MT5, T5 v1.0 tied and rescaled) at odd sizes import with transformers'
+logits and export back to them.
 """
+
+import json
+import os
 
 import jax
 import numpy as np
@@ -73,7 +79,10 @@ def _load_hf(directory):
 @pytest.fixture(scope="module")
 def imported(hf_dir):
   """(network config, params) of the HF model, through flix's converter."""
-  dims = hf_checkpoint.t5_config_from_hf(hf_checkpoint.read_hf_config(hf_dir))
+  dims = hf_checkpoint.t5_config_from_hf(
+      hf_checkpoint.read_hf_config(hf_dir),
+      hf_checkpoint.read_hf_weight_names(hf_dir),
+  )
   config = network.T5Config(**dims, dropout_rate=0.0)
   params = hf_checkpoint.hf_to_t5x(hf_checkpoint.read_hf_checkpoint(hf_dir))
   return config, params
@@ -120,7 +129,13 @@ def test_relative_position_buckets_match_transformers():
   bucket_fn = modeling_mt5.MT5Attention._relative_position_bucket  # pylint: disable=protected-access
   relative = np.arange(-300, 301)[None, :]
   for bidirectional in (True, False):
-    for num_buckets, max_distance in ((32, 128), (8, 16), (4, 8)):
+    for num_buckets, max_distance in (
+        (32, 128),
+        (8, 16),
+        (4, 8),
+        (9, 21),
+        (33, 129),
+    ):
       expected = bucket_fn(
           torch.tensor(relative),
           bidirectional=bidirectional,
@@ -265,3 +280,175 @@ def test_peft_rank_pattern_and_module_paths_load(
       "default.weight"
   ]
   assert tuple(lora_b.shape) == (32, 4)
+
+
+# ------------------------------------------------------------------------------
+# The three forms of an HF checkpoint's output projection, at odd sizes.
+# ------------------------------------------------------------------------------
+
+# heads x head_dim = 21 != d_model 30; odd buckets and max distance.
+_ODD_DIMS = dict(
+    vocab_size=101,
+    d_model=30,
+    d_kv=7,
+    num_heads=3,
+    d_ff=37,
+    num_layers=2,
+    num_decoder_layers=1,
+    dropout_rate=0.0,
+    relative_attention_num_buckets=9,
+    relative_attention_max_distance=21,
+)
+_FORMS = {
+    # The released google/mt5-* form: an lm_head of its own, config untied.
+    "released_mt5": ("mt5", "gated-gelu", False),
+    # What transformers 5 writes for an MT5: tied, no lm_head.weight.
+    "transformers5_mt5": ("mt5", "gated-gelu", True),
+    # T5 v1.0: tied and rescaled (config.scale_decoder_outputs).
+    "t5_v1_0": ("t5", "relu", True),
+    # The same, with a config from before transformers 5 (no such key).
+    "t5_v1_0_old_config": ("t5", "relu", True),
+}
+
+
+def _odd_batch():
+  """2 rows of 45 input / 30 target tokens (past the max distance 21)."""
+  rng = np.random.default_rng(3)
+  enc = rng.integers(2, 101, (2, 45)).astype(np.int32)
+  enc[1, 33:] = 0
+  targets = rng.integers(2, 101, (2, 30)).astype(np.int32)
+  targets[1, 25:] = 0
+  dec_in = np.concatenate([np.zeros((2, 1), np.int32), targets[:, :-1]], 1)
+  return {
+      "encoder_input_tokens": enc,
+      "decoder_input_tokens": dec_in,
+      "decoder_target_tokens": targets,
+  }
+
+
+def _save_form(form, directory):
+  model_type, proj, tied = _FORMS[form]
+  torch.manual_seed(7)
+  classes = {
+      "mt5": (transformers.MT5Config, transformers.MT5ForConditionalGeneration),
+      "t5": (transformers.T5Config, transformers.T5ForConditionalGeneration),
+  }
+  config_cls, model_cls = classes[model_type]
+  model = model_cls(config_cls(feed_forward_proj=proj, **_ODD_DIMS))
+  with torch.no_grad():
+    if not tied:
+      model.lm_head.weight = torch.nn.Parameter(torch.randn(101, 30))
+    for name, param in model.named_parameters():
+      if "relative_attention_bias" in name:
+        param.normal_(0.0, 2.0)
+  model.save_pretrained(directory)
+  path = os.path.join(directory, "config.json")
+  with open(path) as f:
+    config = json.load(f)
+  if form == "released_mt5":
+    config["tie_word_embeddings"] = False
+  if form == "t5_v1_0_old_config":
+    del config["scale_decoder_outputs"]
+  with open(path, "w") as f:
+    json.dump(config, f)
+
+
+def _flix_logits(config, params, batch):
+  return np.asarray(
+      jax.jit(
+          lambda p, b: network.Transformer(config).apply(
+              {"params": p},
+              b["encoder_input_tokens"],
+              b["decoder_input_tokens"],
+              b["decoder_target_tokens"],
+              enable_dropout=False,
+          )
+      )(params, batch)
+  )
+
+
+@pytest.mark.parametrize("form", sorted(_FORMS))
+def test_hf_forms_import_with_transformers_logits(form, tmp_path):
+  directory = str(tmp_path / form)
+  _save_form(form, directory)
+  dims = hf_checkpoint.t5_config_from_hf(
+      hf_checkpoint.read_hf_config(directory),
+      hf_checkpoint.read_hf_weight_names(directory),
+  )
+  _, _, tied = _FORMS[form]
+  assert dims["logits_via_embedding"] == tied
+  assert dims["scale_decoder_outputs"] == form.startswith("t5_v1_0")
+  config = network.T5Config(**dims, dropout_rate=0.0)
+  params = hf_checkpoint.hf_to_t5x(hf_checkpoint.read_hf_checkpoint(directory))
+  hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(directory)
+  batch = _odd_batch()
+  mask = batch["decoder_target_tokens"] > 0
+  want = _hf_logits(hf_model.eval(), batch)[mask]
+  got = _flix_logits(config, params, batch)[mask]
+  diff = np.abs(got - want).max()
+  print(f"{form}: max |logit diff| vs transformers {diff:.2e}")
+  assert diff < _ATOL, diff
+  assert np.abs(want).max() > 1.0
+  # The other rescale choice is far off: the test can tell them apart.
+  flipped = network.T5Config(
+      **{**dims, "scale_decoder_outputs": not dims["scale_decoder_outputs"]},
+      dropout_rate=0.0,
+  )
+  assert np.abs(_flix_logits(flipped, params, batch)[mask] - want).max() > 0.1
+
+  # Written back (as flix.export does), transformers computes the same.
+  out = str(tmp_path / "export")
+  hf_checkpoint.write_hf_checkpoint(
+      hf_checkpoint.t5x_to_hf(params),
+      hf_checkpoint.hf_config_from_t5_config(dims),
+      out,
+  )
+  again = transformers.AutoModelForSeq2SeqLM.from_pretrained(out)
+  np.testing.assert_allclose(
+      _hf_logits(again.eval(), batch)[mask], want, atol=1e-6
+  )
+
+
+def test_checkpoint_and_network_disagreements_are_named(tmp_path):
+  from flix import checkpoints  # pylint: disable=g-import-not-at-top
+
+  def target(config):
+    return jax.eval_shape(
+        models.FlixModel(config).init_params, jax.random.PRNGKey(0)
+    )
+
+  tied_dir, untied_dir = str(tmp_path / "tied"), str(tmp_path / "untied")
+  _save_form("transformers5_mt5", tied_dir)
+  _save_form("released_mt5", untied_dir)
+  dims = hf_checkpoint.t5_config_from_hf(
+      hf_checkpoint.read_hf_config(tied_dir),
+      hf_checkpoint.read_hf_weight_names(tied_dir),
+  )
+  untied = network.T5Config(**{**dims, "logits_via_embedding": False})
+  with pytest.raises(
+      ValueError, match="logits_via_embedding: checkpoint True vs network False"
+  ):
+    checkpoints.restore_base_params(target(untied), tied_dir, config=untied)
+  with pytest.raises(
+      ValueError, match="missing \\(decoder/logits_dense/kernel"
+  ):
+    checkpoints.restore_base_params(target(untied), tied_dir)
+  tied = network.T5Config(**dims)
+  with pytest.raises(
+      ValueError,
+      match="1 the model does not have \\(decoder/logits_dense/kernel "
+      "\\(30, 101\\)\\)",
+  ):
+    checkpoints.restore_base_params(target(tied), untied_dir)
+  wider = network.T5Config(**{**dims, "mlp_dim": 38})
+  with pytest.raises(ValueError, match="mlp_dim: checkpoint 37 vs network 38"):
+    checkpoints.restore_base_params(target(wider), tied_dir, config=wider)
+  with pytest.raises(
+      ValueError,
+      match="encoder/layers_0/mlp/wi_0/kernel: checkpoint \\(30, 37\\) vs "
+      "model \\(30, 38\\)",
+  ):
+    checkpoints.restore_base_params(target(wider), tied_dir)
+  # The matching network loads.
+  loaded = checkpoints.restore_base_params(target(tied), tied_dir, config=tied)
+  assert "logits_dense" not in loaded["decoder"]
