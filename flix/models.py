@@ -29,8 +29,8 @@ import numpy as np
 from flix import decoding
 from flix import features as features_lib
 from flix import layer_layout
-from flix import layers
 from flix import network
+from flix import routing
 
 Array = jax.Array
 PyTree = Any
@@ -179,9 +179,7 @@ class FlixModel:
       segments = batch.get(f"{side}_segment_ids")
       if dropout and segments is not None:
         ids = np.concatenate([ids, np.asarray(segments)[..., None]], axis=-1)
-      layers.check_max_segments(
-          ids, self.config.max_segments, self.config.flix_strategy
-      )
+      routing.check_max_segments(ids, self.config.max_segments)
 
   # ---- Forward ----
 

@@ -1,28 +1,45 @@
 """Times the whole train step: full fine-tuning vs LoRA (rank 2r) vs FLix.
 
-All three train the same small mT5-shaped network (gated-GELU MLP, relative
-attention, untied logits) through `trainer.build_run` and its jitted step:
+All train the same mT5-shaped network (gated-GELU MLP, relative attention,
+untied logits) through `trainer.build_run` and its jitted step:
 
-  full   every parameter trainable (no adapters)
-  LoRA   one always-on adapter of rank 2r on every adapted dense layer
-  FLix   two feature groups of rank r (e.g. 10 tasks x 50 languages), both
-         active on every example: the same number of active adapter columns
-         per token as LoRA
+  full        every parameter trainable (no adapters)
+  lora        the library's LoRA: `FeatureSpace.lora(rank=2r)` through the
+              FLix layers (one always-on adapter per adapted dense layer)
+  lora_hand   the same parameters, the adapted layers' forward replaced
+              (flax method interception) by hand-written 2-D matmuls
+              x W0 + ((x A) s) B that ignore feature ids
+  flix        two feature groups of rank r (e.g. 10 tasks x 50 languages),
+              both active on every example: as many active adapter columns
+              per token as LoRA
+
+FLix's ratios are to the faster LoRA. `--packed_segments N` packs N examples
+per row (each with its own random task and language, consecutive examples
+differing; segment ids and positions as T5X packing makes them), with
+`max_segments = N`; every case trains on the same packed batches.
+
+Setups (`--setup`; any flag given explicitly overrides):
+  tiny              emb 128, 4 heads x 32, mlp 256, 2+2 layers, vocab 384,
+                    batch 16 x (64+64), 10 tasks x 50 languages, r 4
+  mt5-small-width   emb 512, 8 heads x 64, mlp 1024, 2+2 layers, vocab 1024,
+                    batch 32 x (128+128), 8 tasks x 100 languages (an
+                    XTREME-UP-sized inventory), r 4
 
 Rows are timed interleaved (shared, noisy machines: only ratios mean much);
 each repetition times `--steps` steps, the median per-step time gives steps/s.
-Memory is XLA's own accounting of the compiled step (per device):
-`compiled.memory_analysis()` argument, output and temp sizes; the donated
-train state makes outputs alias arguments, so the real peak is about
-`args + outputs + temp - alias`.
+The 1-minute load average is printed before and after. Memory is XLA's own
+accounting of the compiled step (per device): `compiled.memory_analysis()`
+argument, output and temp sizes; the donated train state makes outputs alias
+arguments, so the real peak is about `args + outputs + temp - alias`.
 
-    python scripts/bench_train_step.py [--rank 4 --tasks 10 --languages 50
-        --batch 16 --inputs 64 --targets 64 --reps 5 --steps 3]
+    python scripts/bench_train_step.py [--setup mt5-small-width]
+        [--packed_segments 16] [--reps 5 --steps 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -37,15 +54,48 @@ import jax
 import numpy as np
 
 from flix import features as features_lib
+from flix import layers
 from flix import models
 from flix import network
 from flix import train_step as train_step_lib
 from flix import trainer
 
+SETUPS = {
+    "tiny": dict(
+        emb=128,
+        heads=4,
+        head_dim=32,
+        mlp=256,
+        layers=2,
+        vocab=384,
+        batch=16,
+        inputs=64,
+        targets=64,
+        rank=4,
+        tasks=10,
+        languages=50,
+    ),
+    "mt5-small-width": dict(
+        emb=512,
+        heads=8,
+        head_dim=64,
+        mlp=1024,
+        layers=2,
+        vocab=1024,
+        batch=32,
+        inputs=128,
+        targets=128,
+        rank=4,
+        tasks=8,
+        languages=100,
+    ),
+}
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="tiny")
+  p.add_argument("--setup", default="tiny", choices=sorted(SETUPS))
+  p.add_argument("--preset", default="tiny", help="network preset")
   p.add_argument("--emb", type=int, default=128)
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--head_dim", type=int, default=32)
@@ -69,12 +119,24 @@ def parse_args(argv=None):
       default="segment",
       help="FLix strategy (LoRA uses the same layer code)",
   )
+  p.add_argument(
+      "--packed_segments",
+      type=int,
+      default=1,
+      help="examples packed per row (and max_segments)",
+  )
   p.add_argument("--optimizer", default="adafactor")
   p.add_argument("--num_partitions", type=int, default=1)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--steps", type=int, default=3, help="timed steps per rep")
-  p.add_argument("--cases", default="full,lora,flix")
-  return p.parse_args(argv)
+  p.add_argument("--cases", default="full,lora,lora_hand,flix")
+  setup = p.parse_known_args(argv)[0].setup
+  p.set_defaults(**SETUPS[setup])
+  args = p.parse_args(argv)
+  for length in (args.inputs, args.targets):
+    if length % args.packed_segments:
+      p.error("--inputs and --targets must be multiples of --packed_segments")
+  return args
 
 
 def make_cases(args):
@@ -87,11 +149,17 @@ def make_cases(args):
       },
       ranks={"task": r, "language": r},
   )
+  lora_space = features_lib.FeatureSpace.lora(rank=2 * r)
   all_cases = {
       "full": ("full fine-tuning", None, train_step_lib.ALL_PATTERNS),
       "lora": (
-          f"LoRA r={2 * r}",
-          features_lib.FeatureSpace.lora(rank=2 * r),
+          f"LoRA r={2 * r} library",
+          lora_space,
+          train_step_lib.ADAPTER_PATTERNS,
+      ),
+      "lora_hand": (
+          f"LoRA r={2 * r} hand-written",
+          lora_space,
           train_step_lib.ADAPTER_PATTERNS,
       ),
       "flix": (
@@ -103,27 +171,74 @@ def make_cases(args):
   return {k: all_cases[k] for k in args.cases.split(",")}
 
 
+def example_ids(space, rows, segments, rs):
+  """int [rows, segments, G]: one value per group per example; consecutive
+  examples of a row differ (LoRA: its one value, id 1, everywhere)."""
+  ids = np.zeros((rows, segments, space.num_groups), np.int32)
+  for r in range(rows):
+    for s in range(segments):
+      while True:
+        ids[r, s] = [rs.randint(1, g.num_values + 1) for g in space.groups]
+        if s == 0 or max(g.num_values for g in space.groups) == 1:
+          break
+        if (ids[r, s] != ids[r, s - 1]).any():
+          break
+  return ids
+
+
 def make_batch(args, space, rs):
-  b, li, lt = args.batch, args.inputs, args.targets
+  """A batch of `packed_segments` equal-length examples per row."""
+  b, li, lt, n = args.batch, args.inputs, args.targets, args.packed_segments
   targets = rs.randint(1, args.vocab, size=(b, lt)).astype(np.int32)
+  # Each example's decoder inputs start with BOS 0.
+  shifted = np.concatenate(
+      [np.zeros((b, n, 1), np.int32), targets.reshape(b, n, -1)[..., :-1]], -1
+  )
   batch = {
       "encoder_input_tokens": rs.randint(1, args.vocab, size=(b, li)).astype(
           np.int32
       ),
-      "decoder_input_tokens": np.concatenate(
-          [np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1
-      ),
+      "decoder_input_tokens": shifted.reshape(b, lt),
       "decoder_target_tokens": targets,
       "decoder_loss_weights": np.ones((b, lt), np.float32),
   }
+  if n > 1:
+    for side, length in (("encoder", li), ("decoder", lt)):
+      segment = np.repeat(np.arange(1, n + 1, dtype=np.int32), length // n)
+      batch[f"{side}_segment_ids"] = np.tile(segment, (b, 1))
+      position = np.tile(np.arange(length // n, dtype=np.int32), n)
+      batch[f"{side}_positions"] = np.tile(position, (b, 1))
   if space is not None:
-    # One value per group per example (LoRA: its one value, id 1).
-    ids = np.stack(
-        [rs.randint(1, g.num_values + 1, size=b) for g in space.groups], axis=-1
-    ).astype(np.int32)
-    batch["encoder_feature_ids"] = np.repeat(ids[:, None], li, axis=1)
-    batch["decoder_feature_ids"] = np.repeat(ids[:, None], lt, axis=1)
+    ids = example_ids(space, b, n, rs)
+    batch["encoder_feature_ids"] = np.repeat(ids, li // n, axis=1)
+    batch["decoder_feature_ids"] = np.repeat(ids, lt // n, axis=1)
   return batch
+
+
+def hand_written_lora(next_fun, args, kwargs, context):
+  """Flax interceptor: adapted `FlixDense` layers of a LoRA space compute
+  x W0 + ((x A) s) B with 2-D matmuls, ignoring feature ids."""
+  module = context.module
+  if (
+      not isinstance(module, layers.FlixDense)
+      or context.method_name != "__call__"
+      or module.feature_space is None
+      or module.is_initializing()
+  ):
+    return next_fun(*args, **kwargs)
+  inputs = args[0]
+  params = nn.unbox(module.variables["params"])
+  (group,) = module.feature_space.groups
+  scale = float(module.feature_space.scale_table(group)[1])
+  kernel = params["kernel"].astype(module.dtype)
+  a = params[f"lora_a_{group.name}"][0].astype(module.dtype)
+  b = params[f"lora_b_{group.name}"][0].astype(module.dtype)
+  features = layers._canonical_tuple(module.features)
+  num_in = len(layers._canonical_tuple(module.axis))
+  batch_shape = inputs.shape[:-num_in]
+  x = inputs.reshape(-1, kernel.shape[0]).astype(module.dtype)
+  y = x @ kernel + ((x @ a) * scale) @ b
+  return y.reshape(batch_shape + features)
 
 
 def _mib(n):
@@ -132,13 +247,14 @@ def _mib(n):
 
 def main(argv=None):
   args = parse_args(argv)
+  load_before = os.getloadavg()[0]
   print(
       f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform}"
-      f" device(s); model emb={args.emb} heads={args.heads}x{args.head_dim}"
-      f" mlp={args.mlp} layers={args.layers}+{args.layers} "
-      f"vocab={args.vocab} {args.dtype}; batch {args.batch} x "
-      f"({args.inputs}+{args.targets}) tokens; {args.optimizer}; FLix "
-      f"strategy {args.strategy}",
+      f" device(s); setup {args.setup}: model emb={args.emb} heads="
+      f"{args.heads}x{args.head_dim} mlp={args.mlp} layers={args.layers}+"
+      f"{args.layers} vocab={args.vocab} {args.dtype}; batch {args.batch} x "
+      f"({args.inputs}+{args.targets}) tokens, {args.packed_segments} "
+      f"example(s)/row; {args.optimizer}; FLix strategy {args.strategy}",
       flush=True,
   )
   rs = np.random.RandomState(0)
@@ -158,6 +274,7 @@ def main(argv=None):
         dropout_rate=args.dropout,
         feature_space=space,
         flix_strategy=args.strategy,
+        max_segments=args.packed_segments,
     )
     model = models.FlixModel(config)
     start = time.perf_counter()
@@ -166,8 +283,14 @@ def main(argv=None):
     )
     batch = trainer.to_device_batch(make_batch(args, space, rs), run.mesh)
     rng = jax.random.PRNGKey(0)
+    interceptor = hand_written_lora if key == "lora_hand" else None
     with run.mesh, nn.logical_axis_rules(run.rules):
-      compiled = run.step_fn.lower(run.state, batch, rng).compile()
+      with (
+          nn.intercept_methods(interceptor)
+          if interceptor
+          else contextlib.nullcontext()
+      ):
+        compiled = run.step_fn.lower(run.state, batch, rng).compile()
       mem = compiled.memory_analysis()
       run.state, metrics = compiled(run.state, batch, rng)  # warm-up
       jax.block_until_ready(metrics)
@@ -220,12 +343,17 @@ def main(argv=None):
         f"{arg + out + temp:,} | {arg + out + temp - alias:,} |"
     )
   print()
-  if "flix" in runs and "lora" in runs:
-    ratio = runs["flix"]["steps_per_s"] / runs["lora"]["steps_per_s"]
+  loras = [runs[k] for k in ("lora", "lora_hand") if k in runs]
+  if "flix" in runs and loras:
+    best = max(loras, key=lambda r: r["steps_per_s"])
+    ratio = runs["flix"]["steps_per_s"] / best["steps_per_s"]
     print(
-        f"FLix / LoRA steps/s: {ratio:.3f} "
-        f"(FLix step takes {1 / ratio:.2f}x LoRA's)"
+        f"FLix / LoRA steps/s: {ratio:.3f} against the faster LoRA "
+        f"({best['label']}; FLix step takes {1 / ratio:.2f}x its time)"
     )
+  if len(loras) == 2:
+    ratio = runs["lora"]["steps_per_s"] / runs["lora_hand"]["steps_per_s"]
+    print(f"LoRA library / hand-written steps/s: {ratio:.3f}")
   if "flix" in runs and "full" in runs:
     ratio = runs["flix"]["steps_per_s"] / runs["full"]["steps_per_s"]
     print(f"FLix / full fine-tuning steps/s: {ratio:.3f}")
@@ -235,6 +363,10 @@ def main(argv=None):
       for r in runs.values()
   }
   print(f"Per-rep range ({args.reps} reps x {args.steps} steps): {spreads}")
+  print(
+      f"1-minute load average: {load_before:.1f} before, "
+      f"{os.getloadavg()[0]:.1f} after"
+  )
 
 
 if __name__ == "__main__":

@@ -152,6 +152,20 @@ def test_relative_position_buckets_match_transformers():
       )
 
 
+def _flix_logits(config, params, batch):
+  return np.asarray(
+      jax.jit(
+          lambda p, b: network.Transformer(config).apply(
+              {"params": p},
+              b["encoder_input_tokens"],
+              b["decoder_input_tokens"],
+              b["decoder_target_tokens"],
+              enable_dropout=False,
+          )
+      )(params, batch)
+  )
+
+
 def test_encoder_and_logits_match_transformers(hf_dir, imported):
   config, params = imported
   module = network.Transformer(config)
@@ -165,15 +179,7 @@ def test_encoder_and_logits_match_transformers(hf_dir, imported):
           method=network.Transformer.encode,
       )
   )(params, enc)
-  logits = jax.jit(
-      lambda p, b: module.apply(
-          {"params": p},
-          b["encoder_input_tokens"],
-          b["decoder_input_tokens"],
-          b["decoder_target_tokens"],
-          enable_dropout=False,
-      )
-  )(params, batch)
+  logits = _flix_logits(config, params, batch)
 
   hf_model = _load_hf(hf_dir)
   with torch.no_grad():
@@ -351,20 +357,6 @@ def _save_form(form, directory):
     del config["scale_decoder_outputs"]
   with open(path, "w") as f:
     json.dump(config, f)
-
-
-def _flix_logits(config, params, batch):
-  return np.asarray(
-      jax.jit(
-          lambda p, b: network.Transformer(config).apply(
-              {"params": p},
-              b["encoder_input_tokens"],
-              b["decoder_input_tokens"],
-              b["decoder_target_tokens"],
-              enable_dropout=False,
-          )
-      )(params, batch)
-  )
 
 
 @pytest.mark.parametrize("form", sorted(_FORMS))

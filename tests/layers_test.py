@@ -8,6 +8,7 @@ import pytest
 
 from flix import features as features_lib
 from flix import layers
+from flix import routing
 
 SPACE = features_lib.FeatureSpace(
     groups=(
@@ -54,31 +55,67 @@ def naive_delta(space, x, ids, adapters):
   return out
 
 
-def _packed_ids(rng, batch, length, space):
-  """Rows of several segments, each with its own ids; some absent, padding."""
+def reference_delta(space, x, ids, adapters):
+  """The per-token formulation in jnp (differentiable): gather each token's
+  A and B per group, mask ranks past the value's rank and absent groups."""
+  delta = 0.0
+  for g, (group, (a, b)) in enumerate(zip(space.groups, adapters)):
+    coef = jnp.asarray(layers._coefficients(space, group))  # [V + 1, R]
+    index = jnp.clip(ids[..., g] - 1, 0, group.num_values - 1)
+    h = jnp.einsum("bld,bldr->blr", x, a[index]) * coef[ids[..., g]]
+    delta = delta + jnp.einsum("blr,blro->blo", h, b[index])
+  return delta
+
+
+def _packed_ids(rng, batch, length, space, segments, lead=0):
+  """Rows of exactly `segments` runs (consecutive examples differ), random
+  lengths, some groups absent, padding after (and `lead` tokens before)."""
   ids = np.zeros((batch, length, space.num_groups), np.int32)
   for b in range(batch):
-    t = 0
-    while t < length - 2:
-      seg_len = int(rng.integers(1, 5))
-      example = [int(rng.integers(0, g.num_values + 1)) for g in space.groups]
-      ids[b, t : t + seg_len] = example
-      t += seg_len
+    cuts = np.sort(
+        rng.choice(np.arange(1, length - lead - 2), segments - 1, replace=False)
+    )
+    bounds = [lead] + [lead + c for c in cuts] + [length - 2]
+    previous = None
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+      example = previous
+      while example == previous or not any(example):
+        example = [int(rng.integers(0, g.num_values + 1)) for g in space.groups]
+      ids[b, start:stop] = example
+      previous = example
   return ids
 
 
-@pytest.mark.parametrize("strategy", layers.STRATEGIES)
-@pytest.mark.parametrize("packed", [False, True])
-def test_delta_matches_naive_sum(strategy, packed):
+def _case(name):
+  """(x [B, L, D], ids [B, L, G], max_segments) of a named test case."""
   rng = np.random.default_rng(1)
-  x = rng.normal(size=(3, 11, 5)).astype(np.float32)
-  if packed:
-    ids = _packed_ids(rng, 3, 11, SPACE)
-    max_segments = 11
-  else:  # one example per row, some groups absent, padding at the end
+  if name == "unpacked":  # one example per row, groups absent, padding
+    x = rng.normal(size=(3, 11, 5)).astype(np.float32)
     ids = np.zeros((3, 11, SPACE.num_groups), np.int32)
     ids[:, :8] = np.array([[1, 0, 2], [3, 4, 0], [0, 0, 1]])[:, None]
-    max_segments = 1
+    return x, ids, 1
+  segments = int(name.split("_")[1])
+  x = rng.normal(size=(3, 40, 5)).astype(np.float32)
+  ids = _packed_ids(rng, 3, 40, SPACE, segments)
+  ids[2] = _packed_ids(rng, 1, 40, SPACE, segments, lead=3)[0]
+  return x, ids, segments
+
+
+CASES = ("unpacked", "packed_4", "packed_16")
+
+
+def _adapters(space, d_in, d_out, seed=0):
+  return [
+      tuple(map(jnp.asarray, ab))
+      for ab in _random_adapters(space, d_in, d_out, seed)
+  ]
+
+
+@pytest.mark.parametrize("strategy", layers.STRATEGIES)
+@pytest.mark.parametrize("case", CASES)
+def test_delta_matches_naive_sum(strategy, case):
+  x, ids, max_segments = _case(case)
+  assert routing.count_runs(ids).max() == max_segments
   adapters = _random_adapters(SPACE, 5, 7)
   got = layers.flix_delta(
       SPACE,
@@ -93,37 +130,138 @@ def test_delta_matches_naive_sum(strategy, packed):
   )
 
 
-def test_segment_overflow_is_nan_and_host_check_raises():
-  rng = np.random.default_rng(2)
-  ids = _packed_ids(rng, 2, 11, SPACE)
-  x = jnp.ones((2, 11, 5))
-  adapters = [
-      tuple(map(jnp.asarray, ab)) for ab in _random_adapters(SPACE, 5, 7)
-  ]
+@pytest.mark.parametrize("strategy", layers.STRATEGIES)
+@pytest.mark.parametrize("case", CASES[1:])
+def test_gradients_match_reference(strategy, case):
+  x, ids, max_segments = _case(case)
+  adapters = _adapters(SPACE, 5, 7)
+  cotangent = jax.random.normal(jax.random.PRNGKey(0), x.shape[:2] + (7,))
+
+  def loss(fn):
+    return lambda x, ad: jnp.vdot(fn(x, ad), cotangent)
+
+  got = jax.grad(
+      loss(
+          lambda x, ad: layers.flix_delta(
+              SPACE, x, jnp.asarray(ids), ad, strategy, max_segments
+          )
+      ),
+      argnums=(0, 1),
+  )(jnp.asarray(x), adapters)
+  want = jax.grad(
+      loss(lambda x, ad: reference_delta(SPACE, x, jnp.asarray(ids), ad)),
+      argnums=(0, 1),
+  )(jnp.asarray(x), adapters)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+# A group with one always-on value next to a 20-value group with a rank
+# override: on CPU the default strategy mixes formulations per group.
+MIXED_SPACE = features_lib.FeatureSpace(
+    groups=(
+        features_lib.FeatureGroup("base", ("on",), rank=2, alpha=3.0),
+        features_lib.FeatureGroup(
+            "language",
+            tuple(f"l{i}" for i in range(20)),
+            rank=8,
+            value_ranks=(("l5", 1),),
+        ),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    "case,formulations",
+    [("packed_4", ("dense", "slots")), ("packed_16", ("dense", "sorted"))],
+)
+def test_default_mixes_formulations_per_group(case, formulations):
+  x, _, max_segments = _case(case)
+  rng = np.random.default_rng(3)
+  ids = _packed_ids(rng, 3, 40, MIXED_SPACE, max_segments)
+  ids[..., 0] = np.where(ids.any(-1), 1, 0)  # "base" on for every example
+  routed = layers.route(jnp.asarray(ids), "segment", max_segments)
+  assert layers.plan(MIXED_SPACE, routed, backend="cpu") == formulations
+  adapters = _random_adapters(MIXED_SPACE, 5, 7)
   got = layers.flix_delta(
-      SPACE, x, jnp.asarray(ids), adapters, strategy="segment", max_segments=1
+      MIXED_SPACE,
+      jnp.asarray(x),
+      routed,
+      [tuple(map(jnp.asarray, ab)) for ab in adapters],
   )
-  assert np.isnan(np.asarray(got)).all()
-  with pytest.raises(ValueError, match="max_segments=1"):
-    layers.check_max_segments(ids, 1)
-  layers.check_max_segments(ids, 11)
+  np.testing.assert_allclose(
+      got, naive_delta(MIXED_SPACE, x, ids, adapters), rtol=1e-4, atol=1e-4
+  )
+
+
+@pytest.mark.parametrize("strategy", layers.STRATEGIES)
+def test_too_many_runs_is_nan_and_host_check_raises(strategy):
+  x, ids, _ = _case("packed_4")
+  got = layers.flix_delta(
+      SPACE,
+      jnp.asarray(x),
+      jnp.asarray(ids),
+      _adapters(SPACE, 5, 7),
+      strategy=strategy,
+      max_segments=3,
+  )
+  active = ids.any(-1)
+  assert np.isnan(np.asarray(got)[active]).all()
+  with pytest.raises(ValueError, match="max_segments=3"):
+    routing.check_max_segments(ids, 3)
+  routing.check_max_segments(ids, 4)
+
+
+def test_plan_picks_per_backend_and_group():
+  space = features_lib.FeatureSpace(
+      groups=(
+          features_lib.FeatureGroup("lora", ("on",), rank=4),
+          features_lib.FeatureGroup(
+              "language", tuple(f"l{i}" for i in range(100)), rank=8
+          ),
+      )
+  )
+  unpacked = layers.route(jnp.ones((32, 128, 2), jnp.int32), "segment", 1)
+  packed = layers.route(jnp.ones((32, 128, 2), jnp.int32), "segment", 16)
+  for backend in ("gpu", "tpu"):
+    assert layers.plan(space, packed, backend=backend) == ("dense", "ragged")
+  assert layers.plan(space, unpacked, backend="cpu") == ("dense", "slots")
+  # 16 examples per row: slots would do 16x the FLOPs; sorting does not.
+  assert layers.plan(space, packed, backend="cpu") == ("dense", "sorted")
+  assert layers.plan(space, packed, "slots") == ("slots", "slots")
+
+
+def test_route_tiles_rows_with_runs():
+  ids = np.array([[[0], [1], [1], [2], [0], [1], [0]]], np.int32)
+  r = layers.route(jnp.asarray(ids), "segment", 4)
+  np.testing.assert_array_equal(r.slot_ids[0, :, 0], [1, 2, 1, 0])
+  # Leading padding joins the first run, trailing padding the run before.
+  np.testing.assert_array_equal(r.token_slot[0], [0, 0, 0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(r.slot_sizes()[0], [3, 2, 2, 0])
+  assert int(r.max_runs) == 3
+  assert layers.route(jnp.asarray(ids), "segment", 16).num_slots == 7  # <= L
+
+
+def test_value_chunks_place_every_token_once():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 6, size=70).astype(np.int32)
+  chunks = routing.value_chunks(jnp.asarray(ids), 5, 5, 8)
+  token, position = np.asarray(chunks.token), np.asarray(chunks.position)
+  valid = np.asarray(chunks.valid).reshape(-1)
+  value = np.repeat(np.asarray(chunks.value), 8)
+  assert not valid[-1]  # the last position is always padding
+  active = np.flatnonzero(ids)
+  np.testing.assert_array_equal(token[position[active]], active)
+  assert valid[position[active]].all()
+  np.testing.assert_array_equal(value[position[active]], ids[active])
+  assert (position[ids == 0] == len(token) - 1).all()
+  assert valid.sum() == len(active)
 
 
 def test_unknown_values_encode_as_absent_and_match_known_only():
   ids_unknown = SPACE.encode({"task": "b", "language": "klingon"})
   ids_known = SPACE.encode({"task": "b"})
   np.testing.assert_array_equal(ids_unknown, ids_known)
-
-
-def test_segment_slots_one_slot_per_run():
-  ids = np.array([[[1], [1], [2], [0], [1]]], np.int32)
-  slot_ids, token_slot, max_runs = layers.segment_slots(jnp.asarray(ids), 4)
-  np.testing.assert_array_equal(slot_ids[0, :, 0], [1, 2, 1, 0])
-  np.testing.assert_array_equal(
-      np.argmax(np.asarray(token_slot[0]), -1)[[0, 1, 2, 4]], [0, 0, 1, 2]
-  )
-  assert float(token_slot[0, 3].sum()) == 0.0
-  assert int(max_runs) == 3
 
 
 def test_lora_is_flix_with_one_always_on_feature():

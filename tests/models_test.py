@@ -379,8 +379,11 @@ def test_check_batch_counts_the_examples_with_features_per_row():
   MODEL.check_batch(batch)  # max_segments=2
   with pytest.raises(ValueError, match="max_segments=1 .*MAX_SEGMENTS"):
     _with_config(MODEL, max_segments=1).check_batch(batch)
-  # Only the "segment" strategy has slots; no adapters, nothing to check.
-  _with_config(MODEL, max_segments=1, flix_strategy="gather").check_batch(batch)
+  # The limit holds for every strategy; no adapters, nothing to check.
+  with pytest.raises(ValueError, match="max_segments=1"):
+    _with_config(MODEL, max_segments=1, flix_strategy="dense").check_batch(
+        batch
+    )
   _with_config(MODEL, max_segments=1, feature_space=None).check_batch(batch)
 
 
