@@ -29,6 +29,12 @@ the gin's own.
 `--replicate_adapter_embed` measures the old rule (adapter dimensions that
 match a kernel's `embed` replicated) for a before/after comparison.
 
+The default FLix strategy ('segment') picks each group's formulation when
+traced, by backend (`layers.plan`): compiled on CPU it would pick the CPU
+ones. `--backend` (default tpu, what the configs target) fixes the plan of
+that backend instead (e.g. 'ragged' for FLix groups on TPU), so the step
+measured computes what the accelerator would.
+
 Caveat: this is XLA:CPU's buffer assignment, not XLA:TPU's; fusion and
 rematerialisation differ, so temp sizes are indicative (argument and output
 sizes, i.e. params + optimizer state + batch, are exact).
@@ -66,6 +72,7 @@ from flix import gin_utils
 from flix import layers
 from flix import models
 from flix import partitioning
+from flix import routing
 from flix import train_step
 
 warnings.filterwarnings("ignore", message=".*mesh.*context manager.*")
@@ -93,6 +100,11 @@ def parse_args(argv=None):
       "--layers", type=int, default=0, help="override both stacks' depth"
   )
   p.add_argument(
+      "--backend",
+      default="tpu",
+      help="plan the 'segment' strategy's formulations for this backend",
+  )
+  p.add_argument(
       "--replicate_adapter_embed",
       action="store_true",
       help="replicate adapter dims matching a kernel's 'embed' (old rule)",
@@ -116,6 +128,20 @@ class Setup:
 
 def _per_group(value, groups):
   return dict(value) if isinstance(value, dict) else {g: value for g in groups}
+
+
+def _planned_strategy(config, batch: int, length: int, backend: str) -> str:
+  """The formulation `layers.plan` picks for every group on `backend`."""
+  space = config.feature_space
+  ids = jax.ShapeDtypeStruct((batch, length, space.num_groups), jnp.int32)
+  shapes = jax.eval_shape(lambda i: routing.route(i, config.max_segments), ids)
+  chosen = set(layers.plan(space, shapes, "segment", backend))
+  if len(chosen) != 1:
+    raise ValueError(
+        f"On {backend} the groups get different formulations {chosen}; "
+        "bind FLIX_STRATEGY to one, or pass --backend cpu."
+    )
+  return chosen.pop()
 
 
 def load_setup(args) -> Setup:
@@ -147,6 +173,16 @@ def load_setup(args) -> Setup:
             dropout=_per_group(
                 gin_utils.macro_value("FEATURE_DROPOUT"), values
             ),
+        ),
+    )
+  if config.feature_space is not None and config.flix_strategy == "segment":
+    config = dataclasses.replace(
+        config,
+        flix_strategy=_planned_strategy(
+            config,
+            gin_utils.macro_value("BATCH_SIZE"),
+            gin_utils.macro_value("TASK_FEATURE_LENGTHS")["inputs"],
+            args.backend,
         ),
     )
   if args.layers:
@@ -283,7 +319,8 @@ def main(argv=None):
       f"model: {cfg.emb_dim} emb, {cfg.num_heads} heads, {cfg.mlp_dim} mlp, "
       f"{cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers, "
       f"{cfg.dtype}; scan_layers={cfg.scan_layers}, remat_policy="
-      f"{cfg.remat_policy}; strategy {cfg.flix_strategy}, max_segments "
+      f"{cfg.remat_policy}; strategy {cfg.flix_strategy} (planned for "
+      f"{args.backend}), max_segments "
       f"{cfg.max_segments}; adapters: "
       + (
           ", ".join(
