@@ -382,7 +382,12 @@ def export(
         f"features {dict(features)} cannot be applied."
     )
   space = features_lib.FeatureSpace.from_dict(saved_space or {"groups": []})
-  space.resolve(features, strict=True)
+  if not space.resolve(features, strict=True) and output_format == "peft":
+    raise ValueError(
+        f"The feature set {dict(features)} selects no adapter, so there is no"
+        " LoRA to write: give --features=group=value,... (groups: "
+        f"{', '.join(space.group_names)}), or --format=hf for the base alone."
+    )
   vocabulary = vocabularies.vocabulary_for_checkpoint(
       checkpoint,
       vocabulary,

@@ -129,12 +129,14 @@ def evaluate_tasks(
   Returns:
     (result rows, prediction records with inputs/target/prediction/features).
   """
-  rows, records = [], []
+  rows, records, truncations = [], [], []
   for task_name in task_names:
     task = seqio.get_mixture_or_task(task_name)
-    examples = input_pipeline.task_examples(
-        task_name, split, task_feature_lengths, max_examples_per_task
-    )
+    with featurized.count_truncation() as truncation:
+      examples = input_pipeline.task_examples(
+          task_name, split, task_feature_lengths, max_examples_per_task
+      )
+    truncations.append((task_name, truncation))
     if not examples:
       logging.warning("Task %s has no %s examples; skipped.", task_name, split)
       continue
@@ -172,23 +174,43 @@ def evaluate_tasks(
           }
       )
     for key, (targets, preds) in by_features.items():
-      features = dict(key)
-      seen_flag = (
-          featurized.is_seen(features, seen) if seen is not None else None
-      )
+      values = {}
       for metric_fn in task.predict_metric_fns:
-        for metric, value in metric_fn(targets, preds).items():
-          rows.append(
-              {
-                  "features": features,
-                  "metric": metric,
-                  "value": float(value),
-                  "examples": len(targets),
-                  "seen_in_training": seen_flag,
-                  "task_name": task_name,
-              }
-          )
+        values.update(metric_fn(targets, preds))
+      rows.extend(result_rows(task_name, dict(key), values, len(targets), seen))
+  message = featurized.describe_truncations(
+      truncations, task_feature_lengths, f"{split} examples read"
+  )
+  if message:
+    logging.warning("%s", message)
   return rows, records
+
+
+def result_rows(
+    task_name: str,
+    features: Mapping[str, str],
+    metrics: Mapping[str, float],
+    examples: int,
+    seen: Optional[set[tuple[str, ...]]] = None,
+) -> list[dict[str, Any]]:
+  """Result rows of one feature set of a task: one per metric.
+
+  `seen_in_training` is None without `seen` (the training mixture's
+  `featurized.seen_pairs`), else whether the set's (task, language) pair was
+  seen (False: zero-shot).
+  """
+  seen_flag = featurized.is_seen(features, seen) if seen is not None else None
+  return [
+      {
+          "features": dict(features),
+          "metric": metric,
+          "value": float(value),
+          "examples": examples,
+          "seen_in_training": seen_flag,
+          "task_name": task_name,
+      }
+      for metric, value in metrics.items()
+  ]
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:

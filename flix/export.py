@@ -13,7 +13,6 @@ flix.eval:
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Sequence
 
 from absl import flags
@@ -58,8 +57,9 @@ def load_model(
         "Give the training run's model gin with --gin_file "
         "(e.g. configs/demo_eval.gin) so the sizes are known."
     )
+  # The model definition first, so a size file alone (tiny.gin) is enough.
   gin_utils.parse_gin(
-      gin_files,
+      [gin_utils.MODEL_GIN] + list(gin_files),
       list(gin_bindings) + ["FEATURE_SPACE = None"],
       search_paths,
       finalize=False,
@@ -100,20 +100,17 @@ def main(argv: Sequence[str]) -> None:
   del argv
   logging.getLogger().setLevel(logging.INFO)
   f = flags.FLAGS
-  try:
-    out = adapter_export.export(
-        model=load_model(f.gin_file, f.gin_bindings, f.gin_search_paths),
-        checkpoint=f.checkpoint,
-        features=parse_features(f.features),
-        output_format=f.format,
-        output=f.output,
-        base_model_name_or_path=f.base_model_name_or_path,
-        base_output=f.base_output,
-        overwrite=f.overwrite,
-        vocabulary=f.vocabulary,
-    )
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    sys.exit(f"flix.export: error: {e}")
+  out = adapter_export.export(
+      model=load_model(f.gin_file, f.gin_bindings, f.gin_search_paths),
+      checkpoint=f.checkpoint,
+      features=parse_features(f.features),
+      output_format=f.format,
+      output=f.output,
+      base_model_name_or_path=f.base_model_name_or_path,
+      base_output=f.base_output,
+      overwrite=f.overwrite,
+      vocabulary=f.vocabulary,
+  )
   logging.info("Wrote the %s export of %s to %s.", f.format, f.features, out)
 
 

@@ -101,19 +101,28 @@ class FlixFeatureConverter(seqio.EncDecFeatureConverter):
   # ---- Strings to ids ----
 
   def _lookup_tables(self) -> list[tf.lookup.StaticHashTable]:
-    """One value -> id table per group (-1 when not found), built lazily."""
+    """One value -> id table per group (-1 when not found), built lazily.
+
+    Built eagerly (`init_scope`) even when first needed inside a `map`
+    function's graph, so every later dataset (seqio's evaluator converts one
+    per task) can capture the same tables.
+    """
     if self._tables is None:
-      self._tables = [
-          tf.lookup.StaticHashTable(
-              tf.lookup.KeyValueTensorInitializer(
-                  keys=tf.constant(group.values, tf.string),
-                  values=tf.range(1, group.num_values + 1, dtype=tf.int32),
-              ),
-              default_value=-1,
-          )
-          for group in self._feature_space.groups
-      ]
+      with tf.init_scope():
+        self._tables = self._build_tables()
     return self._tables
+
+  def _build_tables(self) -> list[tf.lookup.StaticHashTable]:
+    return [
+        tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                keys=tf.constant(group.values, tf.string),
+                values=tf.range(1, group.num_values + 1, dtype=tf.int32),
+            ),
+            default_value=-1,
+        )
+        for group in self._feature_space.groups
+    ]
 
   def _warn_and_default(
       self, group: features_lib.FeatureGroup, value: tf.Tensor

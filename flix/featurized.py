@@ -19,10 +19,20 @@ strings; `FeaturizedMixture` keeps them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Optional,
+    Sequence,
+    Union,
+)
 
 import seqio
 import tensorflow as tf
@@ -128,14 +138,113 @@ def fill_missing_features(
 
 
 def text_preprocessors(add_eos: bool = True) -> list[Any]:
-  """The baseline's text pipeline: tokenize, cache placeholder, EOS."""
+  """The baseline's text pipeline: tokenize, cache placeholder, (count the
+  examples longer than the feature lengths), EOS."""
   preprocessors = [
       seqio.preprocessors.tokenize,
       seqio.CacheDatasetPlaceholder(),
+      functools.partial(count_truncated, add_eos=add_eos),
   ]
   if add_eos:
     preprocessors.append(seqio.preprocessors.append_eos_after_trim)
   return preprocessors
+
+
+# ---- Truncation counts ----
+
+_KEYS = ("inputs", "targets")
+# The counters of the datasets built inside `count_truncation()` blocks.
+_ACTIVE_COUNTERS: list["TruncationCounter"] = []
+
+
+class TruncationCounter:
+  """How many examples of the datasets built while it was active were read,
+  and how many had inputs / targets longer than their feature length.
+
+  The counts are tf.Variables, so the tf.data pipeline counts as it reads.
+  """
+
+  def __init__(self):
+    self.variables = {
+        name: tf.Variable(0, dtype=tf.int64, trainable=False)
+        for name in ("examples",) + _KEYS
+    }
+
+  def counts(self) -> dict[str, int]:
+    """`{'examples': n, 'inputs': i, 'targets': t}` read so far."""
+    return {k: int(v.numpy()) for k, v in self.variables.items()}
+
+
+@contextlib.contextmanager
+def count_truncation() -> Iterator[TruncationCounter]:
+  """`with count_truncation() as counter:` datasets of featurized text tasks
+  built in the block count into `counter` (see `count_truncated`)."""
+  counter = TruncationCounter()
+  _ACTIVE_COUNTERS.append(counter)
+  try:
+    yield counter
+  finally:
+    _ACTIVE_COUNTERS.remove(counter)
+
+
+def describe_truncations(
+    counters: Sequence[tuple[str, TruncationCounter]],
+    lengths: Mapping[str, int],
+    what: str,
+) -> Optional[str]:
+  """One line saying how many of `what` (the examples the `(task name,
+  counter)` pairs counted) were truncated, naming the tasks; None if none."""
+  counts = [(name, counter.counts()) for name, counter in counters]
+  total = {k: sum(c[k] for _, c in counts) for k in ("examples",) + _KEYS}
+  parts = []
+  for key in _KEYS:
+    if total[key]:
+      tasks = sorted(
+          ((c[key], name) for name, c in counts if c[key]), reverse=True
+      )
+      named = ", ".join(f"{name} {n}" for n, name in tasks[:3])
+      more = f", ... ({len(tasks)} tasks)" if len(tasks) > 3 else ""
+      parts.append(
+          f"{total[key]} had {key} longer than TASK_FEATURE_LENGTHS['{key}']"
+          f" = {lengths[key]} tokens ({named}{more})"
+      )
+  if not parts:
+    return None
+  return (
+      f"Of {total['examples']} {what}, "
+      + " and ".join(parts)
+      + "; they are truncated (raise TASK_FEATURE_LENGTHS to keep them)."
+  )
+
+
+def count_truncated(
+    dataset: tf.data.Dataset,
+    sequence_length: Optional[Mapping[str, int]] = None,
+    add_eos: bool = True,
+) -> tf.data.Dataset:
+  """Counts, into the active `count_truncation()` counter, the examples whose
+  tokens the next step (`append_eos_after_trim`, or the feature converter)
+  will truncate to `sequence_length` (a SeqIO preprocessor; the data is
+  unchanged)."""
+  if not sequence_length or not _ACTIVE_COUNTERS:
+    return dataset
+  variables = _ACTIVE_COUNTERS[-1].variables
+  limits = {
+      key: int(sequence_length[key]) - (1 if add_eos else 0)
+      for key in _KEYS
+      if sequence_length.get(key)
+  }
+
+  def _count(example):
+    updates = [variables["examples"].assign_add(1)]
+    for key, limit in limits.items():
+      if key in example:
+        longer = tf.size(example[key]) > limit
+        updates.append(variables[key].assign_add(tf.cast(longer, tf.int64)))
+    with tf.control_dependencies(updates):
+      return {k: tf.identity(v) for k, v in example.items()}
+
+  return dataset.map(_count)
 
 
 def add_task(
@@ -315,18 +424,25 @@ def _union_values(task_names: Iterable[str]) -> dict[str, tuple[str, ...]]:
 
 
 def _per_group(
-    setting: _NumberOrMapping, groups: Sequence[str]
+    setting: _NumberOrMapping,
+    groups: Sequence[str],
+    known: Sequence[str],
 ) -> dict[str, float]:
+  """A per-group setting (one value, or `{group: value}`) for `groups`.
+
+  Entries for `known` groups left out of `groups` (e.g. `language` under a
+  task-only ablation) are ignored; a group the data does not have is an error.
+  """
   if setting is None:
     return {}
   if isinstance(setting, Mapping):
-    unknown = set(setting) - set(groups)
+    unknown = set(setting) - set(known)
     if unknown:
       raise ValueError(
           f"Settings for unknown feature groups {sorted(unknown)}; groups "
-          f"are {list(groups)}."
+          f"are {list(known)}."
       )
-    return dict(setting)
+    return {g: v for g, v in setting.items() if g in groups}
   return {g: setting for g in groups}
 
 
@@ -371,9 +487,9 @@ def feature_space(
     raise ValueError(f"{mixture_or_task_name!r} has no feature groups.")
   return features_lib.FeatureSpace.from_values(
       {g: values[g] for g in groups},
-      ranks=_per_group(ranks, groups),
-      alphas=_per_group(alphas, groups),
-      dropout=_per_group(dropout, groups),
+      ranks=_per_group(ranks, groups, values),
+      alphas=_per_group(alphas, groups, values),
+      dropout=_per_group(dropout, groups, values),
       value_ranks=value_ranks,
       rslora=rslora,
   )

@@ -3,30 +3,68 @@
 `--gin.NAME=VALUE` arguments are rewritten to `--gin_bindings=NAME = VALUE`
 before absl parses the flags, as T5X does; values are gin literals, so strings
 need quotes (`--gin.MODEL_DIR=\\"/tmp/run\\"`).
+
+One set of gin files serves two drivers: flix's (`python -m flix.train`) and
+T5X's (`python -m t5x.train`). Model, peft, ablation and data gins bind flix
+configurables only; the run files (`configs/runs/*.gin`) bind both drivers'
+entry points. flix parses with `skip_unknown=T5X_ONLY_SELECTORS`: bindings
+of exactly these T5X selectors (and imports that fail without t5x) are
+skipped, every other unknown selector or parameter is still an error.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
+import re
 import sys
-from typing import Callable, Sequence
+import tokenize
+from typing import Any, Callable, Sequence
 
 import gin
 from absl import flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+# The flix model's definition (size files bind only the preset name).
+MODEL_GIN = os.path.join(CONFIG_DIR, "models", "base.gin")
+
+# The selectors the run files bind for T5X's driver only (the thin driver
+# layer; tests/gin_configs_test.py pins that every shipped config parses
+# without t5x and that each entry is used). flix's driver skips them.
+T5X_ONLY_SELECTORS = (
+    # T5X's entry points (`import __main__ as train_script`, ...).
+    "train_script.train",
+    "eval_script.evaluate",
+    "infer_script.infer",
+    # T5X configurables.
+    "partitioning.PjitPartitioner",
+    "partitioning.standard_logical_axis_rules",
+    "trainer.Trainer",
+    "utils.CheckpointConfig",
+    "utils.DatasetConfig",
+    "utils.RestoreCheckpointConfig",
+    "utils.SaveCheckpointConfig",
+    # flix's T5X plug-in (imports t5x).
+    "t5x_model.FlixEncoderDecoderModel",
+    "t5x_driver.FeaturizedResultsLogger",
+    "t5x_driver.checkpoint_to_restore",
+    "t5x_driver.fresh_params_assignment_map",
+    "t5x_driver.summarize_run",
+    "t5x_driver.task_vocabulary",
+)
 
 
 class _DropMessages(logging.Filter):
 
-  def __init__(self, prefix: str):
+  def __init__(self, prefixes: tuple[str, ...]):
     super().__init__()
-    self.prefix = prefix
+    self.prefixes = prefixes
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(self.prefix)
+    return not str(record.msg).startswith(self.prefixes)
 
 
 def define_flags() -> None:
@@ -73,34 +111,155 @@ def parse_gin(
   With `finalize`, unbound REQUIRED macros are an error now (entry points);
   without, only what is actually called must be bound (flix.export).
   """
-  # Includes are written relative to configs/ ('models/tiny.gin'); search it
-  # first so gin logs no misses. Files that exist as given are used as is.
-  for path in [CONFIG_DIR] + list(search_paths) + [REPO_ROOT]:
-    gin.add_config_file_search_path(path)
+  # Includes are written relative to the repository root
+  # ('configs/models/tiny.gin'), as T5X's driver finds them from there; the
+  # root is searched too, so flix's driver works from any directory.
+  for path in list(search_paths) + [REPO_ROOT]:
+    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(path)
   gin_files = [
       os.path.abspath(f) if os.path.exists(f) else f for f in gin_files
   ]
-  # gin logs an error for every search-path miss of an include; they are
-  # expected, so hide them (a real miss still raises below).
-  quiet = _DropMessages("Path not found:")
+  # gin logs a search-path miss of an include, and every import it skips
+  # (T5X's modules without t5x); both are expected, so hide them. A file
+  # that is not found, or a binding of a module whose import failed, still
+  # raises below.
+  quiet = _DropMessages(("Path not found:", "Skipping import of unknown"))
   logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(
         list(gin_files),
         list(gin_bindings),
         finalize_config=False,
-        skip_unknown=False,
+        skip_unknown=list(T5X_ONLY_SELECTORS),
     )
-  except (ValueError, KeyError, IOError, SyntaxError) as e:
+  except tokenize.TokenError as e:  # An unclosed bracket, at the file end.
     raise ValueError(
-        f"Gin configuration error: {e}\n  gin files: {list(gin_files)}\n  "
-        f"bindings: {list(gin_bindings)}\nA macro set to %gin.REQUIRED must "
-        'be bound, e.g. --gin.MODEL_DIR=\\"/tmp/run\\".'
+        f"Gin configuration error: {e.args[0]} (line {e.args[1][0]}) in one "
+        f"of {list(gin_files)}: a bracket or quote is not closed."
     ) from e
+  except (
+      ValueError,
+      KeyError,
+      IOError,
+      SyntaxError,
+      NameError,
+      TypeError,
+  ) as e:
+    raise ValueError(f"Gin configuration error: {_gin_message(e)}") from e
   finally:
     logging.getLogger().removeFilter(quiet)
+  check_macro_bindings(gin_bindings)
   if finalize:
+    try:
+      _finalize_skipping_t5x_references()
+    except ValueError as e:
+      raise ValueError(f"Gin configuration error: {_gin_message(e)}") from e
+
+
+def _finalize_skipping_t5x_references() -> None:
+  """`gin.finalize()` (REQUIRED macros, macro references) without gin's
+  unknown-reference check: the only unknown references left after parsing
+  are the skipped T5X_ONLY_SELECTORS (any other is an error while parsing)."""
+  hooks = gin.config._FINALIZE_HOOKS  # pylint: disable=protected-access
+  saved = list(hooks)
+  hooks[:] = [
+      h for h in saved if h is not gin.config.find_unknown_references_hook
+  ]
+  try:
     gin.finalize()
+  finally:
+    hooks[:] = saved
+
+
+_REQUIRED_RE = re.compile(r"(\w+)/macro\.value set to `%gin\.REQUIRED`")
+_UNBOUND_MACRO_RE = re.compile(
+    r"No bindings specified for '([\w.]+)/gin\.macro'"
+)
+_NO_PARAMETER_RE = re.compile(
+    r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'"
+)
+
+
+def _suggest(name: str, known) -> str:
+  close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  return f"; did you mean {close[0]}?" if close else "."
+
+
+def _macros() -> set[str]:
+  """Names of the macros bound in the parsed config."""
+  return set(re.findall(r"^([A-Za-z_]\w*) = ", gin.config_str(), re.M))
+
+
+def _parameters(selector: str) -> list[str]:
+  try:
+    fn = gin.get_configurable(selector)
+    return list(inspect.signature(getattr(fn, "__wrapped__", fn)).parameters)
+  except Exception:  # pylint: disable=broad-except
+    return []
+
+
+def _gin_message(error: Exception) -> str:
+  """Gin's error as one line: the problem, a suggestion, where it is."""
+  if isinstance(error, SyntaxError):
+    token = re.search(r"Failed to parse token '(.*)'", str(error))
+    problem = (
+        f"cannot parse the value {token.group(1)} (strings need quotes: "
+        "--gin.NAME=\"'text'\")"
+        if token
+        else error.msg
+    )
+    where = f"{error.filename}:{error.lineno}" if error.filename else "binding"
+    return f"{problem} ({where}: {(error.text or '').strip()})"
+  text = str(error.args[0] if isinstance(error, KeyError) else error)
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  first = lines[0] if lines else type(error).__name__
+  required = _REQUIRED_RE.search(first)
+  if required:
+    name = required.group(1)
+    return (
+        f"{name} is required (set to %gin.REQUIRED and never bound): bind it"
+        f' with --gin.{name}=VALUE (strings quoted: --gin.{name}=\\"...\\")'
+        " or in a gin file."
+    )
+  unbound = _UNBOUND_MACRO_RE.search(first)
+  if unbound:
+    name = unbound.group(1)
+    suggestion = _suggest(name, _macros())
+    return f"unknown macro %{name}: no binding defines it{suggestion}"
+  no_parameter = _NO_PARAMETER_RE.search(first)
+  if no_parameter:
+    first = first.rstrip(".") + _suggest(
+        no_parameter.group(2), _parameters(no_parameter.group(1))
+    )
+  # Gin names the place on the next lines: 'In file "x", line 3' or 'In
+  # bindings string line 2', then the offending line itself.
+  where = [l for l in lines[1:3] if not l.startswith("In call to")]
+  return first + (f" ({': '.join(where)})" if where else "")
+
+
+def check_macro_bindings(gin_bindings: Sequence[str]) -> None:
+  """A command-line macro binding that nothing uses is likely a misspelling:
+  an error when a used macro has a close name, else a warning."""
+  config = gin.config_str()
+  used = set(re.findall(r"%([A-Za-z_]\w*)", config))
+  for binding in gin_bindings:
+    match = re.match(r"\s*([A-Za-z_]\w*)\s*=", binding)
+    if not match or match.group(1) in used:
+      continue
+    name = match.group(1)
+    close = difflib.get_close_matches(name, list(used), n=1, cutoff=0.75)
+    if close:
+      raise ValueError(
+          f"Gin configuration error: unknown macro {name} (bound by "
+          f"{binding.strip()!r}): no configurable uses it; did you mean "
+          f"{close[0]}?"
+      )
+    logging.warning(
+        "The macro %s is bound (%r) but no configurable uses it.",
+        name,
+        binding.strip(),
+    )
 
 
 def setup(argv: Sequence[str]) -> None:
@@ -122,15 +281,14 @@ def setup(argv: Sequence[str]) -> None:
   )
 
 
-def call_configured(fn: Callable):
-  """Calls `fn` with its gin bindings; a REQUIRED macro left unset is named."""
+def call_configured(fn: Callable, **kwargs: Any):
+  """Calls `fn` with its gin bindings (and `kwargs`); a REQUIRED macro left
+  unset is named."""
   try:
-    return gin.get_configurable(fn)()
+    return gin.get_configurable(fn)(**kwargs)
   except ValueError as e:
-    if "gin.REQUIRED" in str(e) or "REQUIRED" in str(e):
-      raise ValueError(
-          f"{e}\nBind it with --gin.NAME=VALUE or in a gin " "file."
-      ) from e
+    if "REQUIRED" in str(e):
+      raise ValueError(f"Gin configuration error: {_gin_message(e)}") from e
     raise
 
 
@@ -139,15 +297,42 @@ def macro_value(name: str):
   return gin.query_parameter(f"{name}/macro.value")
 
 
-def write_operative_config(output_dir: str) -> None:
-  """Writes the parsed gin config to `output_dir/config.gin`, as T5X does."""
-  os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, "config.gin"), "w") as f:
-    f.write(gin.config_str())
+# Errors of bad input (files, flags, gin, checkpoints, data) that entry points
+# report as one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message on one line, without gin's 'In call to
+  configurable' notes."""
+  text = str(error.args[0] if isinstance(error, KeyError) else error)
+  lines = [l.strip() for l in text.splitlines()]
+  return " ".join(l for l in lines if l and not l.startswith("In call to"))
+
+
+def report_errors(main: Callable, entry: str) -> Callable:
+  """Wraps `main` so a `USER_ERRORS` exits with `<entry>: error: <message>`
+  (status 1); FLIX_TRACEBACK=1 shows the traceback instead."""
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if os.environ.get("FLIX_TRACEBACK"):
+        raise
+      sys.exit(f"{entry}: error: {one_line(e)}")
+
+  return wrapped
 
 
 def run(main: Callable) -> None:
-  """absl.app.run with the --gin.NAME rewriting parser."""
+  """absl.app.run with the --gin.NAME rewriting parser; bad input exits with
+  one line naming the entry point (`flix.train: error: ...`)."""
   from absl import app  # pylint: disable=g-import-not-at-top
 
-  app.run(main, flags_parser=lambda argv: flags_parser(argv or sys.argv))
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  entry = spec.name if spec else os.path.basename(sys.argv[0])
+  app.run(
+      report_errors(main, entry),
+      flags_parser=lambda argv: flags_parser(argv or sys.argv),
+  )

@@ -1,6 +1,6 @@
 """Entry point: `python -m flix.infer --gin_file=configs/demo_infer.gin ...`.
 
-Runs the gin-configured `flix.inference.infer`: JSONL predictions for a
+Runs the gin-configured `flix.inference.write_predictions`: JSONL predictions for a
 featurized JSONL file or a SeqIO task split.
 """
 
@@ -10,7 +10,7 @@ from flix import inference
 
 def main(argv):
   gin_utils.setup(argv)
-  gin_utils.call_configured(inference.infer)
+  gin_utils.call_configured(inference.write_predictions)
 
 
 if __name__ == "__main__":

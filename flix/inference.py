@@ -4,7 +4,7 @@ Input is a featurized JSONL file (`{"inputs": ..., "features": {...}}` per
 line) or a SeqIO task split; the output is JSONL with each input, its
 features and the prediction. Any feature combination may be given: an
 unseen (task, language) pair composes its adapters; an unknown value warns
-and only the known features apply. `python -m flix.infer` runs `infer`.
+and only the known features apply. `python -m flix.infer` runs `write_predictions`.
 """
 
 from __future__ import annotations
@@ -13,44 +13,29 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
+import tensorflow as tf
+
 from flix import checkpoints
 from flix import evaluation
 from flix import feature_converter
 from flix import input_pipeline
+from flix import jsonl_records
 from flix import models
 from flix import vocabularies
 
 
 def read_featurized_inputs(path: str) -> list[dict[str, Any]]:
-  """Reads `{"inputs", "features"}` lines; errors name file and line."""
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not valid JSON ({e}).") from e
-      if not isinstance(record, dict) or not isinstance(
-          record.get("inputs"), str
-      ):
-        raise ValueError(
-            f"{path}:{number}: expected an object with a string 'inputs'."
-        )
-      features = record.get("features", {})
-      if not isinstance(features, dict):
-        raise ValueError(f"{path}:{number}: 'features' must be an object.")
-      records.append(
-          {
-              "inputs": record["inputs"],
-              "features": {k: str(v) for k, v in features.items()},
-          }
-      )
-  return records
+  """Reads `{"inputs", "features"}` lines (`flix.jsonl_records`; `targets`
+  optional); errors name file and line."""
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"INPUT_FILE {path} does not exist.")
+  return [
+      {"inputs": record.inputs, "features": record.features}
+      for record in jsonl_records.read_records(path, targets_required=False)
+  ]
 
 
-def infer(
+def write_predictions(
     *,
     model: models.FlixModel,
     checkpoint_path: str,
@@ -98,7 +83,9 @@ def infer(
     ]
     name = f"{mixture_or_task_name}-{split}"
   else:
-    raise ValueError("Give infer.input_file or infer.mixture_or_task_name.")
+    raise ValueError(
+        "Give INPUT_FILE or MIXTURE_OR_TASK_NAME (inference.write_predictions)."
+    )
   predictions = evaluation.predict_examples(
       model,
       params,

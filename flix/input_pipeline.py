@@ -84,8 +84,9 @@ def train_batches(
   )
   if skip_batches:
     dataset = dataset.skip(skip_batches)
-  for batch in dataset.as_numpy_iterator():
-    yield batch
+  # Built now (not on the first next()), so a caller's
+  # `featurized.count_truncation()` block sees the tasks' pipelines.
+  return iter(dataset.as_numpy_iterator())
 
 
 def task_examples(

@@ -135,15 +135,28 @@ class FlixModel:
   def init_boxed(
       self, rng: Array, input_length: int = 8, target_length: int = 8
   ) -> PyTree:
-    """Initial params with their logical-partitioning boxes."""
+    """Initial params with their logical-partitioning boxes, in the network's
+    layout. Their values do not depend on the layout: a scanning network's
+    are the unrolled network's, stacked (`nn.scan` would draw other random
+    numbers), so a random base is rebuilt alike with or without scan."""
+    if self.config.scan_layers:
+      unrolled = dataclasses.replace(
+          self,
+          config=dataclasses.replace(
+              self.config, scan_layers=False, remat_policy="none"
+          ),
+      )
+      return layer_layout.stack_layers(
+          unrolled.init_boxed(rng, input_length, target_length)
+      )
     batch = self.dummy_batch(1, input_length, target_length)
     return self.module.init(
         rng,
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
         batch["decoder_target_tokens"],
-        self._ids(batch, "encoder"),
-        self._ids(batch, "decoder"),
+        self.feature_ids(batch, "encoder"),
+        self.feature_ids(batch, "decoder"),
         enable_dropout=False,
     )["params"]
 
@@ -183,14 +196,17 @@ class FlixModel:
 
   # ---- Forward ----
 
-  def _ids(self, batch: Batch, side: str) -> Optional[Array]:
+  def feature_ids(self, batch: Batch, side: str) -> Optional[Array]:
+    """The batch's `{side}_feature_ids` [B, L, G], or None without adapters."""
     if self.feature_space is None:
       return None
     return batch[f"{side}_feature_ids"]
 
   def _dropped_feature_ids(self, batch: Batch, rng: Array):
     """Applies feature dropout to encoder and decoder ids alike."""
-    enc_ids, dec_ids = self._ids(batch, "encoder"), self._ids(batch, "decoder")
+    enc_ids, dec_ids = self.feature_ids(batch, "encoder"), self.feature_ids(
+        batch, "decoder"
+    )
     space = self.feature_space
     if space is None or rng is None or not np.any(space.dropout_rates() > 0):
       return enc_ids, dec_ids
@@ -243,14 +259,15 @@ class FlixModel:
 
     Returns:
       (loss scalar, metrics dict of scalars: loss, z_loss, weight_sum,
-      accuracy).
+      accuracy, token_loss).
     """
     logits = self.compute_logits(params, batch, dropout_rng, feature_rng)
+    return self.loss_from_logits(logits, batch)
+
+  def loss_from_logits(self, logits: Array, batch: Batch):
+    """The loss of teacher-forced logits [B, Ld, V] (see `loss_fn`)."""
     targets = batch["decoder_target_tokens"]
-    weights = batch.get("decoder_loss_weights")
-    if weights is None:
-      weights = (targets > 0).astype(jnp.float32)
-    weights = weights.astype(jnp.float32)
+    weights = self.loss_weights(batch)
     total, z_total = cross_entropy_with_z_loss(
         logits, targets, weights, self.label_smoothing, self.z_loss
     )
@@ -271,6 +288,14 @@ class FlixModel:
     }
     return total / denominator, metrics
 
+  @staticmethod
+  def loss_weights(batch: Batch) -> Array:
+    """Per-token loss weights, float32 [B, Ld] (1 on real targets)."""
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+      weights = batch["decoder_target_tokens"] > 0
+    return jnp.asarray(weights, jnp.float32)
+
   def score_batch(self, params: PyTree, batch: Batch) -> Array:
     """Log-likelihood of each target sequence, [B]."""
     logits = self.compute_logits(params, batch)
@@ -280,6 +305,55 @@ class FlixModel:
     return jnp.sum(token * (targets > 0), axis=-1)
 
   # ---- Decoding ----
+
+  def decoder_step(
+      self, params: PyTree, batch: Batch, max_decode_length: int, fan_out: int
+  ) -> tuple[decoding.TokensToLogits, PyTree]:
+    """Encodes the batch once; returns the decoding step and an empty cache.
+
+    The step callback (`decoding.model_tokens_to_logits`) sees the flat batch
+    of B * fan_out rows (each example repeated `fan_out` times, as the
+    decoding functions of flix and T5X expand it); every step of an example
+    uses that example's features (`encoder_feature_ids[:, 0]`).
+
+    Returns:
+      (tokens_to_logits(state) -> (logits [B * fan_out, V], cache), the cache
+      for B examples, which the decoding function expands on its batch axis
+      `cache_offset`).
+    """
+    params = self.network_layout(params)
+    tokens = batch["encoder_input_tokens"]
+    enc_ids = self.feature_ids(batch, "encoder")
+    example_ids = None if enc_ids is None else enc_ids[:, 0, :]  # [B, G]
+    encoded = self.module.apply(
+        {"params": params},
+        tokens,
+        enc_ids,
+        enable_dropout=False,
+        method=network.Transformer.encode,
+    )
+    expand = lambda x: (
+        None if x is None else decoding.flat_batch_beam_expand(x, fan_out)
+    )
+    step_fn = decoding.model_tokens_to_logits(
+        self.module,
+        params,
+        expand(encoded),
+        expand(tokens),
+        max_decode_length,
+        encoder_feature_ids=expand(enc_ids),
+        decoder_feature_ids=expand(example_ids),
+    )
+    cache = decoding.init_cache(
+        self.module, self.config, tokens.shape[0], max_decode_length
+    )
+    return step_fn, cache
+
+  @property
+  def cache_offset(self) -> int:
+    """The batch axis of the decoding cache's arrays: a scanned network's
+    cache is stacked over layers in front of the batch (T5X's name)."""
+    return 1 if self.config.scan_layers else 0
 
   def predict_batch(
       self,
@@ -300,36 +374,11 @@ class FlixModel:
       (tokens int [B, num_decodes, max_decode_length], scores [B, num_decodes])
       best first.
     """
-    params = self.network_layout(params)
-    tokens = batch["encoder_input_tokens"]
-    enc_ids = self._ids(batch, "encoder")
-    # Every decoding step of an example uses that example's features.
-    example_ids = None if enc_ids is None else enc_ids[:, 0, :]  # [B, G]
-    encoded = self.module.apply(
-        {"params": params},
-        tokens,
-        enc_ids,
-        enable_dropout=False,
-        method=network.Transformer.encode,
-    )
     fan_out = beam_size if method == "beam" else num_decodes
-    expand = lambda x: (
-        None if x is None else decoding.flat_batch_beam_expand(x, fan_out)
+    step_fn, cache = self.decoder_step(
+        params, batch, max_decode_length, fan_out
     )
-    step_fn = decoding.model_tokens_to_logits(
-        self.module,
-        params,
-        expand(encoded),
-        expand(tokens),
-        max_decode_length,
-        encoder_feature_ids=expand(enc_ids),
-        decoder_feature_ids=expand(example_ids),
-    )
-    batch_size = tokens.shape[0]
-    cache_offset = 1 if self.config.scan_layers else 0  # layers lead
-    cache = decoding.init_cache(
-        self.module, self.config, batch_size, max_decode_length
-    )
+    batch_size = batch["encoder_input_tokens"].shape[0]
     if method == "beam":
       return decoding.beam_search(
           step_fn,
@@ -338,7 +387,7 @@ class FlixModel:
           max_decode_len=max_decode_length,
           beam_size=beam_size,
           alpha=alpha,
-          cache_offset=cache_offset,
+          cache_offset=self.cache_offset,
       )
     if method == "greedy":
       temperature = 0.0
@@ -355,5 +404,5 @@ class FlixModel:
         temperature=temperature,
         topk=topk,
         num_decodes=num_decodes,
-        cache_offset=cache_offset,
+        cache_offset=self.cache_offset,
     )

@@ -24,27 +24,41 @@ PyTree = Any
 LogicalRules = Sequence[tuple[str, Optional[str]]]
 
 
+def adapter_axis_rules() -> tuple[tuple[str, Optional[str]], ...]:
+  """The FLix adapter axes: inventory and rank dimensions are replicated,
+  an adapter's `adapter_embed` side is sharded over 'model' (its other side
+  uses the base kernel's axis). T5X's partitioner takes them as
+  `additional_rules` (its own rules already replicate scanned stacks'
+  `layers` axis, as flix's do)."""
+  return (
+      (layers.VALUES_AXIS, None),
+      (layers.RANK_AXIS, None),
+      (layers.EMBED_AXIS, "model"),
+  )
+
+
 def standard_logical_axis_rules(
     additional_rules: LogicalRules = (),
 ) -> tuple[tuple[str, Optional[str]], ...]:
   """T5X's 1-D activation / 1-D parameter partitioning rules plus FLix axes."""
-  return tuple(additional_rules) + (
-      ("batch", "data"),
-      ("vocab", "model"),
-      ("embed", None),
-      ("mlp", "model"),
-      ("heads", "model"),
-      ("kv", None),
-      ("joined_kv", "model"),
-      ("relpos_buckets", None),
-      ("abspos_buckets", None),
-      ("length", None),
-      ("layers", None),
-      ("stack", None),
-      ("mlp_activations", None),
-      (layers.VALUES_AXIS, None),
-      (layers.RANK_AXIS, None),
-      (layers.EMBED_AXIS, "model"),
+  return (
+      tuple(additional_rules)
+      + (
+          ("batch", "data"),
+          ("vocab", "model"),
+          ("embed", None),
+          ("mlp", "model"),
+          ("heads", "model"),
+          ("kv", None),
+          ("joined_kv", "model"),
+          ("relpos_buckets", None),
+          ("abspos_buckets", None),
+          ("length", None),
+          ("layers", None),
+          ("stack", None),
+          ("mlp_activations", None),
+      )
+      + adapter_axis_rules()
   )
 
 

@@ -272,6 +272,17 @@ PRESETS: dict[str, T5Config] = {
         relative_attention_num_buckets=4,
         relative_attention_max_distance=8,
     ),
+    # The CPU demo and the reproduction (~1.5M params), byte-sized vocabulary.
+    "demo_small": T5Config(
+        vocab_size=384,
+        emb_dim=128,
+        num_heads=4,
+        head_dim=32,
+        mlp_dim=384,
+        num_encoder_layers=3,
+        num_decoder_layers=3,
+        dropout_rate=0.0,
+    ),
     # For tests: byte-sized vocabulary.
     "tiny": T5Config(
         vocab_size=384,
@@ -289,5 +300,8 @@ PRESETS: dict[str, T5Config] = {
 def preset(name: str, **overrides: Any) -> T5Config:
   """A `PRESETS` config with fields replaced: `preset('tiny', dtype=...)`."""
   if name not in PRESETS:
-    raise KeyError(f"Unknown preset {name!r}; presets: {sorted(PRESETS)}.")
+    raise ValueError(
+        f"Unknown network preset {name!r}; presets: "
+        f"{', '.join(sorted(PRESETS))}."
+    )
   return dataclasses.replace(PRESETS[name], **overrides)

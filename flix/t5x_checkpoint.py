@@ -15,6 +15,10 @@ A legacy T5X checkpoint is a directory `.../checkpoint_<step>/` holding
   files named `i.j` holding gzip-compressed C-order chunk bytes (edge chunks
   are stored full-size, padded past the array's end).
 
+T5X's default writer since 2024 is Orbax (`checkpoint_<step>/state/`, an
+Orbax PyTree of `{'target': params, 'state': ...}`); `read_t5x_checkpoint`
+reads its `target` with orbax-checkpoint as well.
+
 This module reads `optimizer/target` into a nested dict of numpy arrays keyed
 exactly like the T5X parameter tree, with a small numpy zarr v2 reader for
 local checkpoints and TensorStore for URLs (`gs://...`, `file://...`). It
@@ -243,11 +247,8 @@ def _missing_checkpoint_error(path: str) -> FileNotFoundError:
           " It looks like a model directory; pass one of its checkpoint "
           f"directories, e.g. {os.path.join(path, steps[-1])!r}."
       )
-    elif "state" in entries or "_CHECKPOINT_METADATA" in entries:
-      hint = (
-          " It looks like an Orbax checkpoint, which this reader does not "
-          "support."
-      )
+    elif "_CHECKPOINT_METADATA" in entries:
+      hint = " It looks like an Orbax checkpoint without T5X's 'state' item."
     else:
       hint = f" It contains {entries[:10]}."
   if os.path.isdir(path):
@@ -537,6 +538,8 @@ def read_t5x_checkpoint(
       folder is missing (the message names the parameter and folder).
     ValueError: if the file is not a legacy T5X msgpack checkpoint.
   """
+  if _is_orbax_checkpoint(path):
+    return _read_orbax_target(path, restore_dtype)
   ckpt_dir, contents = _load_msgpack(path)
   target = contents["optimizer"].get("target")
   if not isinstance(target, Mapping):
@@ -565,6 +568,40 @@ def read_t5x_checkpoint(
     return _cast(np.asarray(node), restore_dtype)
 
   return _restore(target, "")
+
+
+def _is_orbax_checkpoint(path: str) -> bool:
+  """A T5X Orbax checkpoint: `state/` (an Orbax PyTree), no msgpack file."""
+  return (
+      not _is_url(path)
+      and os.path.isdir(os.path.join(path, "state"))
+      and not os.path.isfile(os.path.join(path, CHECKPOINT_FILENAME))
+  )
+
+
+def _read_orbax_target(path: str, restore_dtype: Optional[DTypeLike]) -> Params:
+  """The `target` params of a T5X Orbax checkpoint, as numpy arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  state_dir = os.path.join(os.path.abspath(path), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(state_dir).item_metadata
+  if "target" not in metadata:
+    raise ValueError(
+        f"The Orbax checkpoint {path!r} has no 'target' (found "
+        f"{sorted(metadata)}); not a T5X checkpoint."
+    )
+  restore_args = jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree
+  )
+  restored = checkpointer.restore(
+      state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+  )
+  checkpointer.close()
+  return jax.tree.map(
+      lambda x: _cast(np.asarray(x), restore_dtype), restored["target"]
+  )
 
 
 def read_t5x_step(path: str) -> int:

@@ -214,7 +214,13 @@ def make_train_step(
     tx: optax.GradientTransformation,
     num_microbatches: int = 1,
 ) -> Callable:
-  """Builds `train_step(state, batch, rng) -> (state, metrics)` (not jitted)."""
+  """Builds `train_step(state, batch, rng) -> (state, metrics)` (not jitted).
+
+  The rng of a step is `fold_in(rng, state.step)`: a function of the seed
+  and the step only, so a resumed run draws what an uninterrupted one does.
+  `metrics['nonfinite']` is 1.0 when the step was not applied (non-finite
+  loss, gradient norm or update norm).
+  """
 
   def train_step(state: TrainState, batch, rng):
     dropout_rng, feature_rng = jax.random.split(
@@ -279,9 +285,22 @@ def make_train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    # A non-finite loss, gradient or update is not applied: the state stays
+    # the last good one, and the trainer stops or skips the step.
+    finite = (
+        jnp.isfinite(metrics["loss"])
+        & jnp.isfinite(metrics["grad_norm"])
+        & jnp.isfinite(optax.global_norm(updates))
+    )
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    keep_if_finite = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old
+    )
     return (
         state.replace(
-            step=state.step + 1, trainable=trainable, opt_state=opt_state
+            step=state.step + 1,
+            trainable=keep_if_finite(trainable, state.trainable),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
         ),
         metrics,
     )
@@ -290,6 +309,34 @@ def make_train_step(
 
 
 # ---- Sharded, jitted step ----
+
+
+def optimizer_state_like_params(
+    optimizer: optax.GradientTransformation,
+    opt_state: PyTree,
+    params: PyTree,
+    param_values: PyTree,
+    fallback: Any,
+    is_leaf: Optional[Callable[[Any], bool]] = None,
+) -> PyTree:
+  """A tree like `opt_state`: each leaf shaped like its param gets that
+  param's entry of `param_values` (a sharding, logical axes), every other
+  leaf (factored Adafactor rows/columns, counts) gets `fallback`.
+
+  The one rule for placing optimizer state, used by flix's step and by the
+  T5X plug-in's optimizer (`flix.t5x_model`).
+  """
+  return optax.tree_map_params(
+      optimizer,
+      lambda leaf, value, param: (
+          value if leaf.shape == param.shape else fallback
+      ),
+      opt_state,
+      param_values,
+      params,
+      transform_non_params=lambda _: fallback,
+      is_leaf=is_leaf,
+  )
 
 
 def state_shardings(
@@ -323,15 +370,8 @@ def state_shardings(
         )
         for part in split_params(boxed, trainable_patterns)
     )
-  opt_state = optax.tree_map_params(
-      optimizer,
-      lambda leaf, sharding, param: (
-          sharding if leaf.shape == param.shape else replicated
-      ),
-      abstract.opt_state,
-      trainable,
-      abstract.trainable,
-      transform_non_params=lambda _: replicated,
+  opt_state = optimizer_state_like_params(
+      optimizer, abstract.opt_state, abstract.trainable, trainable, replicated
   )
   return abstract, TrainState(
       step=replicated, trainable=trainable, frozen=frozen, opt_state=opt_state

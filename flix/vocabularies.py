@@ -142,9 +142,12 @@ def _load_sentencepiece(
   return vocabulary
 
 
-def record(vocabulary: seqio.Vocabulary, model_dir: str) -> Optional[dict]:
+def record(
+    vocabulary: seqio.Vocabulary, model_dir: Optional[str] = None
+) -> Optional[dict]:
   """The meta record of a run's vocabulary; copies a SentencePiece model
-  into `model_dir`/vocabulary/ (once per content)."""
+  into `model_dir`/vocabulary/ (once per content; without `model_dir`, the
+  record without its "file", e.g. to compare with a saved one)."""
   if isinstance(vocabulary, seqio.ByteVocabulary):
     return {
         "type": "bytes",
@@ -160,6 +163,16 @@ def record(vocabulary: seqio.Vocabulary, model_dir: str) -> Optional[dict]:
     )
     return None
   digest = _sha256(vocabulary)
+  entry = {
+      "type": "sentencepiece",
+      "sha256": digest,
+      "size": vocabulary.vocab_size,
+      "extra_ids": vocabulary.extra_ids,
+      "reverse_extra_ids": vocabulary._reverse_extra_ids,  # pylint: disable=protected-access
+      "source": vocabulary.sentencepiece_model_file,
+  }
+  if model_dir is None:
+    return entry
   directory = os.path.join(model_dir, VOCABULARY_DIR)
   path = os.path.join(directory, f"spm-{digest[:16]}.model")
   if not tf.io.gfile.exists(path):
@@ -168,15 +181,7 @@ def record(vocabulary: seqio.Vocabulary, model_dir: str) -> Optional[dict]:
     with tf.io.gfile.GFile(temporary, "wb") as f:
       f.write(vocabulary.sp_model)
     tf.io.gfile.rename(temporary, path, overwrite=True)
-  return {
-      "type": "sentencepiece",
-      "sha256": digest,
-      "size": vocabulary.vocab_size,
-      "extra_ids": vocabulary.extra_ids,
-      "reverse_extra_ids": vocabulary._reverse_extra_ids,  # pylint: disable=protected-access
-      "source": vocabulary.sentencepiece_model_file,
-      "file": path,
-  }
+  return {**entry, "file": path}
 
 
 def _model_dir_of(checkpoint: str) -> Optional[str]:

@@ -113,7 +113,7 @@ def _config_text(files: Sequence[str]) -> str:
   seen, out = set(), []
 
   def visit(path):
-    for base in (os.path.join(REPO, "configs"), REPO, CONFIG_DIR):
+    for base in (REPO, CONFIG_DIR):
       full = os.path.join(base, path)
       if os.path.exists(full):
         break
@@ -182,7 +182,7 @@ def base_stage(args, extra_files: Sequence[str]) -> tuple[str, dict]:
   from flix import checkpoints  # pylint: disable=g-import-not-at-top
   from flix import train_step  # pylint: disable=g-import-not-at-top
 
-  files = ["reproduce/base.gin", *extra_files]
+  files = ["configs/reproduce/base.gin", *extra_files]
   bindings = list(args.base_binding)
   if args.base_steps:
     bindings.append(f"TRAIN_STEPS = {args.base_steps}")
@@ -321,7 +321,7 @@ def adapt_and_evaluate(
   from flix import train_step  # pylint: disable=g-import-not-at-top
   from flix import featurized  # pylint: disable=g-import-not-at-top
 
-  files = [f"reproduce/{METHODS[method][0]}", *extra_files]
+  files = [f"configs/reproduce/{METHODS[method][0]}", *extra_files]
   bindings = [
       f"MIXTURE_OR_TASK_NAME = '{mixture}'",
       f"RANDOM_SEED = {seed}",
@@ -1029,7 +1029,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       f"TASK_FEATURE_LENGTHS = {lengths}",
       *args.binding,
   ]
-  extra = ["reproduce/smoke.gin"] if args.smoke else []
+  extra = ["configs/reproduce/smoke.gin"] if args.smoke else []
   if args.smoke:
     args.eval_examples = args.eval_examples or 2
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -1046,7 +1046,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   eval_tasks = [registration.task_names[p] for p in registration.pairs]
   # Steps and eval examples of the multitask runs, from the gin files.
   parse(
-      [f"reproduce/{METHODS[methods[0]][0]}", *extra],
+      [f"configs/reproduce/{METHODS[methods[0]][0]}", *extra],
       args.binding + ["MODEL_DIR = '/unused'"],
   )
   steps = macro("TRAIN_STEPS")

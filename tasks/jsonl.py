@@ -6,7 +6,8 @@ One JSON object per line:
 
 `features` may name any groups; a line without a group (or with `null` or "")
 lacks that feature. Blank lines are skipped. A malformed line raises a
-`ValueError` naming `file:line` and the problem.
+`ValueError` naming `file:line` and the problem (the format and its checks:
+`flix.jsonl_records`).
 
 `register_jsonl_task` scans the files once when it is called: it validates
 every line and records the feature values (all splits: they enter the feature
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import random
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -27,94 +27,38 @@ import seqio
 import tensorflow as tf
 
 from flix import featurized
+from flix import jsonl_records
 from flix_tasks import metrics
 
 Patterns = Union[str, Sequence[str]]
 
 
-@dataclasses.dataclass(frozen=True)
-class JsonlExample:
-  """One parsed line."""
-
-  inputs: str
-  targets: str
-  features: dict[str, str]
-
-
-def parse_line(
-    line: str, path: str, line_number: int
-) -> Optional[JsonlExample]:
-  """Parses one JSONL line; None for a blank line.
+def resolve_files(patterns: Patterns, what: str = "") -> list[str]:
+  """Sorted files matching a glob pattern (or several; comma-separated OK).
 
   Raises:
-    ValueError: naming `path:line_number` and the problem.
+    ValueError: a pattern matches no file (`what` names the pattern's use,
+      e.g. "the train split of JSONL task 'byo_jsonl'").
   """
-  if not line.strip():
-    return None
-  where = f"{path}:{line_number}"
-  try:
-    obj = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{where}: invalid JSON ({e.msg}).") from None
-  if not isinstance(obj, dict):
-    raise ValueError(
-        f"{where}: expected a JSON object, got {type(obj).__name__}."
-    )
-  for key in ("inputs", "targets"):
-    if key not in obj:
-      raise ValueError(f"{where}: missing {key!r}.")
-    if not isinstance(obj[key], str):
-      raise ValueError(
-          f"{where}: {key!r} must be a string, got "
-          f"{type(obj[key]).__name__}."
-      )
-  raw = obj.get("features", {})
-  if raw is None:
-    raw = {}
-  if not isinstance(raw, dict):
-    raise ValueError(
-        f"{where}: 'features' must be an object of strings, got "
-        f"{type(raw).__name__}."
-    )
-  features = {}
-  for group, value in raw.items():
-    if not group.replace("_", "").isalnum():
-      raise ValueError(
-          f"{where}: feature group name {group!r} must be alphanumeric "
-          "(underscores allowed)."
-      )
-    if value is None or value == "":
-      continue
-    if not isinstance(value, str):
-      raise ValueError(
-          f"{where}: feature {group!r} must be a string, got "
-          f"{type(value).__name__}."
-      )
-    features[group] = value
-  return JsonlExample(obj["inputs"], obj["targets"], features)
-
-
-def resolve_files(patterns: Patterns) -> list[str]:
-  """Sorted files matching a glob pattern (or several; comma-separated OK)."""
   if isinstance(patterns, str):
     patterns = [p for p in patterns.split(",") if p.strip()]
   files = []
   for pattern in patterns:
     matches = sorted(tf.io.gfile.glob(pattern.strip()))
     if not matches:
-      raise ValueError(f"No file matches {pattern!r}.")
+      raise ValueError(
+          f"No file matches {pattern.strip()!r}"
+          + (f" ({what})" if what else "")
+          + "."
+      )
     files.extend(matches)
   return files
 
 
-def read_examples(files: Sequence[str]) -> Iterator[JsonlExample]:
+def read_examples(files: Sequence[str]) -> Iterator[jsonl_records.Record]:
   """Parses every non-blank line of `files`, in order."""
   for path in files:
-    with tf.io.gfile.GFile(path, "r") as f:
-      for line_number, line in enumerate(f, start=1):
-        example = parse_line(line, path, line_number)
-        if example is not None:
-          yield example
+    yield from jsonl_records.read_records(path)
 
 
 @dataclasses.dataclass
@@ -126,11 +70,15 @@ class _Scan:
 
 def _scan(files: Sequence[str]) -> _Scan:
   scan = _Scan()
-  for example in read_examples(files):
-    scan.num_examples += 1
-    for group, value in example.features.items():
-      scan.values.setdefault(group, set()).add(value)
-    scan.combinations.add(frozenset(example.features.items()))
+  for path in files:
+    before = scan.num_examples
+    for example in jsonl_records.read_records(path):
+      scan.num_examples += 1
+      for group, value in example.features.items():
+        scan.values.setdefault(group, set()).add(value)
+      scan.combinations.add(frozenset(example.features.items()))
+    if scan.num_examples == before:
+      raise ValueError(f"{path}: no examples (the file is empty or blank).")
   return scan
 
 
@@ -197,7 +145,9 @@ def register_jsonl_task(
       "test": test_pattern,
   }
   files = {
-      split: resolve_files(p) for split, p in patterns.items() if p is not None
+      split: resolve_files(p, f"the {split} files of JSONL task {name!r}")
+      for split, p in patterns.items()
+      if p is not None
   }
   if not files:
     raise ValueError(f"JSONL task {name!r}: give at least one file pattern.")

@@ -58,9 +58,9 @@ target stays a string and `autocomplete_postprocess` turns a single decoded
 prediction into 3 copies, so ordinary one-decode evaluation reports Acc@1
 under the `top3_accuracy` key instead of failing.
 
-Registration is explicit: `register_xtreme_up(root=...)`. If the environment
-variable `XTREME_UP_DIR` is set, importing this module registers both models
-from it.
+Registration is explicit: `register_xtreme_up(root=...)`, or from gin alone
+with `mixture(...)`, which registers and returns a mixture's name
+(`MIXTURE_OR_TASK_NAME = @xtreme_up.mixture()`; `configs/flix_mt5_xl.gin`).
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ from flix_tasks import metrics
 DOWNLOAD_URL = (
     "https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz"
 )
-ROOT_ENV_VAR = "XTREME_UP_DIR"
 # mT5's SentencePiece model (multilingual_t5.vocab.DEFAULT_SPM_PATH).
 DEFAULT_SPM_PATH = "gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model"
 SPLITS = ("train", "validation", "test")
@@ -415,7 +414,7 @@ def _missing_data_error(what: str, path: str) -> FileNotFoundError:
   return FileNotFoundError(
       f"XTREME-UP {what} not found: {path}. Download {DOWNLOAD_URL}, extract "
       f"it, and pass the extracted directory (the one holding qa_in_lang/, "
-      f"ner/, ...) as `root` or set ${ROOT_ENV_VAR}."
+      f"ner/, ...) as `root` (gin: --gin.XTREME_UP_DIR=...)."
   )
 
 
@@ -532,7 +531,7 @@ def _held_out(
 
 
 def register_xtreme_up(
-    root: Optional[str] = None,
+    root: Optional[str],
     vocabulary: str = "byt5",
     spm_path: Optional[str] = None,
     tasks: Sequence[str] = TASKS,
@@ -547,7 +546,7 @@ def register_xtreme_up(
   tasks and mixtures of the same names.
 
   Args:
-    root: the extracted data directory; default `$XTREME_UP_DIR`. May be a
+    root: the extracted data directory (gin: `XTREME_UP_DIR`). May be a
       `gs://` path.
     vocabulary: "byt5" (`seqio.ByteVocabulary`) or "mt5" (SentencePiece).
     spm_path: mT5 SentencePiece model; default `DEFAULT_SPM_PATH`.
@@ -571,11 +570,10 @@ def register_xtreme_up(
     ValueError: unknown task or vocabulary, or a hold-out pair that selects
       no registered file.
   """
-  root = root or os.environ.get(ROOT_ENV_VAR)
   if not root:
     raise FileNotFoundError(
-        f"No XTREME-UP directory given: pass `root` or set ${ROOT_ENV_VAR}. "
-        f"Download {DOWNLOAD_URL} and extract it."
+        "No XTREME-UP directory given: pass `root` (gin: "
+        f"--gin.XTREME_UP_DIR=...). Download {DOWNLOAD_URL} and extract it."
     )
   if not tf.io.gfile.isdir(root):
     raise _missing_data_error("directory", root)
@@ -638,6 +636,78 @@ def register_xtreme_up(
   )
 
 
-if os.environ.get(ROOT_ENV_VAR):
-  for _model in MODELS:
-    register_xtreme_up(vocabulary=_model)
+_registered: dict[str, Registration] = {}
+
+
+def mixture(
+    name: str = "multitask",
+    *,
+    root: Optional[str],
+    vocabulary: str = "byt5",
+    spm_path: Optional[str] = None,
+    tasks: Sequence[str] = TASKS,
+    include_code_switched: bool = False,
+    zero_shot_holdout: Sequence[tuple[str, str]] = (),
+    translation_prefix: str = "",
+    multitask_rate: MixingRate = 1.0,
+) -> str:
+  """Registers XTREME-UP (see `register_xtreme_up`) and returns a name.
+
+  For gin: `MIXTURE_OR_TASK_NAME = @xtreme_up.mixture()` registers the data of
+  `XTREME_UP_DIR` before anything looks the mixture up. Repeated calls with
+  the same arguments register once.
+
+  Args:
+    name: "multitask" (`xtreme_up_multitask_{vocabulary}`), with a
+      `zero_shot_holdout` "zeroshot_train" (without the held-out pairs) or
+      "zeroshot_eval" (all pairs), or the name of any task or mixture the
+      registration made (e.g. `xtreme_up_ner_sw_mt5`).
+    root: the extracted data directory.
+    vocabulary: "byt5" or "mt5".
+    spm_path: the mT5 SentencePiece model (default `DEFAULT_SPM_PATH`).
+    tasks: XTREME-UP tasks to register.
+    include_code_switched: also register `semantic_parsing/*_cs` files.
+    zero_shot_holdout: `(task, language)` pairs held out of "zeroshot_train".
+    translation_prefix: see `format_example`.
+    multitask_rate: per-task rate in the multitask mixtures.
+
+  Returns:
+    The registered task's or mixture's name.
+
+  Raises:
+    ValueError: `name` is none of these.
+  """
+  kwargs = dict(
+      root=root,
+      vocabulary=vocabulary,
+      spm_path=spm_path,
+      tasks=(tasks,) if isinstance(tasks, str) else tuple(tasks),
+      include_code_switched=include_code_switched,
+      zero_shot_holdout=tuple(tuple(pair) for pair in zero_shot_holdout),
+      translation_prefix=translation_prefix,
+      multitask_rate=multitask_rate,
+  )
+  key = repr(sorted(kwargs.items()))
+  if key not in _registered:
+    _registered[key] = register_xtreme_up(**kwargs)
+  registration = _registered[key]
+  aliases = {
+      "multitask": registration.multitask,
+      "zeroshot_train": registration.zeroshot_train,
+      "zeroshot_eval": registration.zeroshot_eval,
+  }
+  if name in aliases and aliases[name] is None:
+    raise ValueError(
+        f"XTREME-UP mixture {name!r} needs a zero_shot_holdout (gin: "
+        "xtreme_up.mixture.zero_shot_holdout = [('ner', 'sw')])."
+    )
+  if name in aliases:
+    return aliases[name]
+  if name not in registration.tasks + registration.mixtures:
+    raise ValueError(
+        f"{name!r} is not an XTREME-UP task or mixture registered from "
+        f"{root}; use one of {sorted(aliases)}, a mixture "
+        f"({', '.join(registration.mixtures)}) or a task such as "
+        f"{registration.tasks[0]!r}."
+    )
+  return name

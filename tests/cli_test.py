@@ -11,8 +11,11 @@ import sys
 import time
 
 import pytest
+from flax import traverse_util
 
 import conftest
+from flix import checkpoints
+from flix import layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
@@ -131,17 +134,14 @@ def test_training_resumes_at_saved_step_and_data_position(trained):
 
 
 def test_checkpoint_is_adapter_only(trained):
-  params_dir = os.path.join(trained["flix"], "checkpoints", "6", "params")
-  size = sum(
-      f.stat().st_size
-      for f in pathlib.Path(params_dir).rglob("*")
-      if f.is_file()
+  """The FLix run's checkpoint holds its adapters and nothing of the base."""
+  params, _ = checkpoints.read_flix_checkpoint(trained["flix"])
+  names = traverse_util.flatten_dict(params, sep="/")
+  assert names and all(
+      layers.ADAPTER_LEAF_RE.match(n.split("/")[-1]) for n in names
   )
-  base_dir = os.path.join(trained["base"], "checkpoints", "2", "params")
-  base_size = sum(
-      f.stat().st_size for f in pathlib.Path(base_dir).rglob("*") if f.is_file()
-  )
-  assert size < base_size
+  base, _ = checkpoints.read_flix_checkpoint(trained["base"])
+  assert not set(names) & set(traverse_util.flatten_dict(base, sep="/"))
 
 
 def test_eval_writes_results_table_and_heatmap(trained):

@@ -1,5 +1,6 @@
 """Shared test set-up: quiet TensorFlow, CPU only, repo paths."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -87,3 +88,89 @@ def run_module(module: str, *args: str, env=None) -> str:
   )
   assert result.returncode == 0, result.stderr[-4000:]
   return result.stderr + result.stdout
+
+
+# ---- XTREME-UP-format fixture data (every task folder, a few lines) ----
+
+
+def _seqio_test_spm() -> str:
+  """seqio's own test SentencePiece model (26 pieces)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  return os.path.join(
+      os.path.dirname(seqio.__file__),
+      "test_data",
+      "sentencepiece",
+      "sentencepiece.model",
+  )
+
+
+def _xtreme_up_records(task: str, key: str, split: str, n: int) -> list:
+  """`n` small, well-formed records of one XTREME-UP file."""
+  records = []
+  for i in range(n):
+    word = f"{key} {split} {i}"
+    if task in ("qa_in_lang", "qa_cross_lang"):
+      records.append(
+          {
+              "question": f"where is {word}",
+              "title": "the world",
+              "context": f"the world is where {word} is",
+              "target": "the world",
+          }
+      )
+    elif task == "ner":
+      text = f"hello {word} there"
+      start = len("hello ".encode("utf-8"))
+      records.append(
+          {
+              "text": text,
+              "spans": [
+                  {
+                      "start_byte": start,
+                      "limit_byte": start + len(word.encode("utf-8")),
+                      "label": "LOC",
+                  }
+              ],
+          }
+      )
+    elif task == "autocomplete":
+      records.append(
+          {"context": f"he went to the {word} wor", "target": "world"}
+      )
+    else:  # semantic_parsing, translation, transliteration, asr
+      records.append({"input": f"hello {word}", "target": f"world {word}"})
+  return records
+
+
+# task -> file names (without .jsonl); languages sw and yo (hi for
+# transliteration).
+XTREME_UP_FILES = {
+    "qa_in_lang": ("sw", "yo"),
+    "qa_cross_lang": ("sw", "yo"),
+    "ner": ("sw", "yo"),
+    "semantic_parsing": ("sw", "yo"),
+    "translation": ("en2sw", "en2yo"),
+    "transliteration": ("Latn2Deva.hi", "Deva2Latn.hi"),
+    "autocomplete": ("sw", "yo"),
+    "asr": ("sw_ke", "yo_ng"),
+}
+
+
+def write_xtreme_up(root) -> str:
+  """Writes XTREME-UP-format JSONL for every task: train (3 lines),
+  validation and test (2 lines each) per file. Returns the root."""
+  root = pathlib.Path(root)
+  for task, keys in XTREME_UP_FILES.items():
+    for key in keys:
+      for split, n in (("train", 3), ("validation", 2), ("test", 2)):
+        path = root / task / split / f"{key}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "".join(
+                json.dumps(r) + "\n"
+                for r in _xtreme_up_records(task, key, split, n)
+            ),
+            encoding="utf-8",
+        )
+  return str(root)

@@ -380,7 +380,8 @@ def test_load_model_ignores_unused_required_macros(tmp_path):
   gin = pytest.importorskip("gin")
   run_gin = tmp_path / "run.gin"
   run_gin.write_text(
-      "include 'models/tiny.gin'\n"
+      "include 'configs/models/base.gin'\n"
+      "include 'configs/models/tiny.gin'\n"
       "MODEL_DIR = %gin.REQUIRED\n"
       "FEATURE_SPACE = 'not a feature space'\n"
   )

@@ -98,6 +98,17 @@ def test_batched_shapes_through_seqio_pipeline():
   assert batch["encoder_input_tokens"].shape == (4, 12)
 
 
+def test_one_converter_serves_several_datasets(unpacked):
+  """seqio's evaluator (T5X's eval) converts every task with one converter:
+  its lookup tables must not belong to the first dataset's graph."""
+  conv, rows = unpacked
+  again = list(conv(_dataset(), LENGTHS).as_numpy_iterator())
+  for first, second in zip(rows, again):
+    np.testing.assert_array_equal(
+        first["encoder_feature_ids"], second["encoder_feature_ids"]
+    )
+
+
 def test_packed_every_token_keeps_its_example_features(packed):
   conv, rows = packed
   assert len(rows) < len(EXAMPLES)  # Something was packed.

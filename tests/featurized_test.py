@@ -138,6 +138,16 @@ def test_feature_space_groups_and_knobs():
     featurized.feature_space("ft_smix", groups=("script",))
   with pytest.raises(ValueError, match="unknown feature groups"):
     featurized.feature_space("ft_smix", ranks={"script": 2})
+  # A task-only ablation of a config with per-group settings: the dropped
+  # group's settings do not apply.
+  ablated = featurized.feature_space(
+      "ft_smix",
+      groups=("task",),
+      ranks={"task": 4, "language": 2},
+      dropout={"language": 0.25},
+  )
+  assert ablated.group_names == ("task",)
+  assert ablated.group("task").rank == 4 and ablated.group("task").dropout == 0
 
 
 def test_unknown_name_raises():

@@ -534,7 +534,7 @@ def test_config_validation():
     network.preset("tiny", flix_strategy="magic")
   with pytest.raises(ValueError, match="dtype"):
     network.preset("tiny", dtype="int32")
-  with pytest.raises(KeyError):
+  with pytest.raises(ValueError, match="Unknown network preset 'mt5_huge'"):
     network.preset("mt5_huge")
   cfg = network.preset("tiny", dtype=jnp.bfloat16, feature_space=SPACE)
   assert cfg.dtype == "bfloat16"

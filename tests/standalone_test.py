@@ -66,3 +66,30 @@ def test_cited_docs_exist():
       }
   )
   assert not missing, "\n".join(missing)
+
+
+def test_importing_flix_never_imports_t5x():
+  """T5X is optional: only the plug-in modules (`t5x_model`, `t5x_driver`)
+  import it, and nothing else imports them."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  modules = sorted(
+      f"flix.{p.stem}"
+      for p in (REPO / "flix").glob("*.py")
+      if p.stem not in ("__init__", "t5x_model", "t5x_driver")
+  ) + sorted(f"flix_tasks.{p.stem}" for p in (REPO / "tasks").glob("*.py"))
+  script = (
+      "import importlib, sys\n"
+      f"for m in {modules!r}: importlib.import_module(m)\n"
+      "print(sorted(m for m in sys.modules if m.split('.')[0] == 't5x'))\n"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", script],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -114,3 +114,25 @@ def test_microbatched_gradients_equal_full_batch():
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *results
   )
+
+
+def test_a_non_finite_step_is_not_applied():
+  model = _model()
+  params = model.init_params(jax.random.PRNGKey(0))
+  tx = train_step.make_optimizer(1e-2, "adamw")
+  state = train_step.create_train_state(params, tx, train_step.ADAPTER_PATTERNS)
+  step = jax.jit(train_step.make_train_step(model, tx))
+  state, metrics = step(state, _batch(0), jax.random.PRNGKey(1))
+  assert float(metrics["nonfinite"]) == 0.0
+  before = jax.tree.map(np.array, (state.trainable, state.opt_state))
+  # A NaN in the frozen base makes the loss NaN.
+  bad = state.replace(frozen=jax.tree.map(lambda x: x * np.nan, state.frozen))
+  after, metrics = step(bad, _batch(1), jax.random.PRNGKey(1))
+  assert float(metrics["nonfinite"]) == 1.0
+  assert np.isnan(float(metrics["loss"]))
+  assert int(after.step) == int(state.step) + 1
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      before,
+      jax.tree.map(np.array, (after.trainable, after.opt_state)),
+  )

@@ -1,6 +1,6 @@
 """Tests for flix_tasks.xtreme_up on tiny synthetic XTREME-UP-format files."""
 
-import importlib
+import copy
 import json
 import os
 import pathlib
@@ -445,16 +445,15 @@ def test_zero_shot_holdout(root):
     xtreme_up.register_xtreme_up(root, zero_shot_holdout=[("ner", "xx")])
 
 
-def test_missing_root_and_task_directory(tmp_path, monkeypatch):
+def test_missing_root_and_task_directory(tmp_path):
   missing = tmp_path / "nowhere"
   with pytest.raises(FileNotFoundError) as error:
     xtreme_up.register_xtreme_up(str(missing))
   assert str(missing) in str(error.value)
   assert xtreme_up.DOWNLOAD_URL in str(error.value)
 
-  monkeypatch.delenv(xtreme_up.ROOT_ENV_VAR, raising=False)
-  with pytest.raises(FileNotFoundError, match=xtreme_up.ROOT_ENV_VAR):
-    xtreme_up.register_xtreme_up()
+  with pytest.raises(FileNotFoundError, match="XTREME_UP_DIR"):
+    xtreme_up.register_xtreme_up(None)
 
   _write(tmp_path, {"ner/train/sw.jsonl": [_SWAHILI_NER]})
   with pytest.raises(FileNotFoundError) as error:
@@ -466,24 +465,53 @@ def test_missing_root_and_task_directory(tmp_path, monkeypatch):
     xtreme_up.register_xtreme_up(str(tmp_path), tasks=["retrieval_in_lang"])
 
 
-def test_root_from_environment(root, monkeypatch):
-  monkeypatch.setenv(xtreme_up.ROOT_ENV_VAR, root)
-  registration = xtreme_up.register_xtreme_up(tasks=["asr"])
-  assert set(registration.tasks) == {
-      "xtreme_up_asr_sw_ke_byt5",
-      "xtreme_up_asr_cmn_hans_cn_byt5",
-  }
+def test_mixture_registers_from_gin_alone(root):
+  """`MIXTURE_OR_TASK_NAME = @xtreme_up.mixture()`: the registering call is
+  the mixture name, so nothing can leave it unregistered."""
+  import gin  # pylint: disable=g-import-not-at-top
 
-
-def test_import_registers_both_models_from_environment(root, monkeypatch):
-  monkeypatch.setenv(xtreme_up.ROOT_ENV_VAR, root)
-  for name in ("xtreme_up_multitask_byt5", "xtreme_up_multitask_mt5"):
-    if name in seqio.MixtureRegistry.names():
-      seqio.MixtureRegistry.remove(name)
-  importlib.reload(xtreme_up)
-  names = seqio.MixtureRegistry.names()
-  assert {"xtreme_up_multitask_byt5", "xtreme_up_multitask_mt5"} <= set(names)
-  assert "xtreme_up_translation_en_sw" in seqio.TaskRegistry.names()
+  gin.clear_config()
+  try:
+    gin.parse_config(
+        [
+            "from __gin__ import dynamic_registration",
+            "from flix_tasks import xtreme_up",
+            "NAME = @xtreme_up.mixture()",
+            f"xtreme_up.mixture.root = '{root}'",
+            "xtreme_up.mixture.vocabulary = 'mt5'",
+            "xtreme_up.mixture.spm_path = '/no/such/spm.model'",
+            "xtreme_up.mixture.zero_shot_holdout = [('ner', 'am')]",
+            "EVAL = @held_out/xtreme_up.mixture()",
+            "held_out/xtreme_up.mixture.name = 'zeroshot_eval'",
+        ]
+    )
+    # Evaluating a macro calls what it names (gin's deepcopy protocol).
+    name = copy.deepcopy(gin.query_parameter("%NAME"))
+    eval_name = copy.deepcopy(gin.query_parameter("%EVAL"))
+  finally:
+    gin.clear_config()
+  assert name == "xtreme_up_multitask_mt5"
+  assert eval_name == "xtreme_up_multitask_zeroshot_eval_mt5"
+  assert name in seqio.MixtureRegistry.names()
+  # SPM_PATH is honoured (loaded lazily, so a missing file fails on use).
+  vocabulary = (
+      seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+  )
+  assert vocabulary.sentencepiece_model_file == "/no/such/spm.model"
+  assert (
+      xtreme_up.mixture(
+          "xtreme_up_ner_sw_mt5",
+          root=root,
+          vocabulary="mt5",
+          spm_path="/no/such/spm.model",
+          zero_shot_holdout=[("ner", "am")],
+      )
+      == "xtreme_up_ner_sw_mt5"
+  )
+  with pytest.raises(ValueError, match="not an XTREME-UP task or mixture"):
+    xtreme_up.mixture("nope", root=root)
+  with pytest.raises(ValueError, match="needs a zero_shot_holdout"):
+    xtreme_up.mixture("zeroshot_train", root=root)
 
 
 def test_bad_line_names_file_and_line(tmp_path):
