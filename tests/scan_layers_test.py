@@ -107,9 +107,24 @@ def _logits(cfg):
 # ---- The layout conversion ----
 
 
+def _scanned_network_init(rng):
+  """The scanned network's own params (`nn.scan`'s tree), boxed."""
+  model = models.FlixModel(SCANNED)
+  batch = model.dummy_batch(1, 8, 8)
+  return model.module.init(
+      rng,
+      batch["encoder_input_tokens"],
+      batch["decoder_input_tokens"],
+      batch["decoder_target_tokens"],
+      model.feature_ids(batch, "encoder"),
+      model.feature_ids(batch, "decoder"),
+      enable_dropout=False,
+  )["params"]
+
+
 def test_stacking_gives_the_scanned_networks_tree_and_round_trips():
   boxed = models.FlixModel(CFG).abstract_params()
-  scanned_boxed = models.FlixModel(SCANNED).abstract_params()
+  scanned_boxed = jax.eval_shape(_scanned_network_init, jax.random.PRNGKey(0))
   stacked = layer_layout.stack_layers(boxed)
   # Same paths, shapes and logical axes as the scanned network's own params.
   assert jax.tree.map(
@@ -135,6 +150,29 @@ def test_stacking_gives_the_scanned_networks_tree_and_round_trips():
   # Both directions leave leaves already in the target layout alone.
   _assert_trees_close(layer_layout.stack_layers(stacked), stacked, tol=0)
   _assert_trees_close(layer_layout.unstack_layers(params), params, tol=0)
+
+
+def test_initial_values_do_not_depend_on_the_layout():
+  """A random base is rebuilt alike with or without scan (a run may resume
+  with the other setting)."""
+  rng = jax.random.PRNGKey(3)
+  scanned = models.FlixModel(SCANNED).init_params(rng)
+  assert layer_layout.is_stacked(scanned)
+  _assert_trees_close(
+      layer_layout.unstack_layers(scanned),
+      models.FlixModel(CFG).init_params(rng),
+      tol=0,
+  )
+  # What the scanned model's boxes name is what the network's own init does.
+  assert jax.tree.map(
+      lambda b: b.names,
+      models.FlixModel(SCANNED).abstract_params(),
+      is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  ) == jax.tree.map(
+      lambda b: b.names,
+      jax.eval_shape(_scanned_network_init, rng),
+      is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
 
 
 def test_mixed_trees_merge_and_conflicts_are_errors():
