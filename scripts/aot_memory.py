@@ -175,7 +175,11 @@ def load_setup(args) -> Setup:
             ),
         ),
     )
-  if config.feature_space is not None and config.flix_strategy == "segment":
+  if (
+      config.feature_space is not None
+      and config.flix_strategy == "segment"
+      and args.backend != "cpu"  # compiled on CPU: its own plan, per group
+  ):
     config = dataclasses.replace(
         config,
         flix_strategy=_planned_strategy(

@@ -13,6 +13,7 @@ a registration nothing calls) fails.
 import dataclasses
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -153,11 +154,25 @@ def _bindings(name: str, files, kind: str, data) -> list[str]:
   if name == "demo_infer":  # Its INPUT_FILE is flix's only; T5X's needs a task.
     bindings.append("MIXTURE_OR_TASK_NAME = 'numbers_ordinal_fr'")
   if kind == "train":
-    return bindings + [f"MODEL_DIR = '{data['out']}'", "TRAIN_STEPS = 2"]
-  return bindings + [
-      f"CHECKPOINT_PATH = '{data['run']}'",
-      f"EVAL_OUTPUT_DIR = '{data['out']}'",
-      f"INFER_OUTPUT_DIR = '{data['out']}'",
+    bindings += [f"MODEL_DIR = '{data['out']}'", "TRAIN_STEPS = 2"]
+  else:
+    bindings += [
+        f"CHECKPOINT_PATH = '{data['run']}'",
+        f"EVAL_OUTPUT_DIR = '{data['out']}'",
+        f"INFER_OUTPUT_DIR = '{data['out']}'",
+    ]
+  return _used_bindings(files, bindings)
+
+
+def _used_bindings(files, bindings) -> list[str]:
+  """The macro bindings some file of the configuration uses (`%NAME`): the
+  command line's check takes an unused one close to a used name for a
+  misspelling (`gin_utils.check_macro_bindings`)."""
+  text = "\n".join(
+      (REPO / f).read_text() for f in _closure(list(files) + [TINY])
+  )
+  return [
+      b for b in bindings if re.search(rf"%{b.split('=')[0].strip()}\b", text)
   ]
 
 
@@ -406,19 +421,26 @@ def test_configs_parse_without_t5x():
   """With t5x unimportable (pip-only installs) every shipped config still
   parses under flix's driver, the T5X sections being skipped, and every entry
   of `T5X_ONLY_SELECTORS` is bound by some shipped config."""
+  bindings = [
+      "MODEL_DIR = '/x'",
+      "TRAIN_STEPS = 1",
+      "CHECKPOINT_PATH = '/x'",
+      "EVAL_OUTPUT_DIR = '/x'",
+      "INFER_OUTPUT_DIR = '/x'",
+      "XTREME_UP_DIR = '/x'",
+      "XTREME_UP_HOLDOUT = []",
+      "TRAIN_FILES = '/x'",
+      "TASK_FEATURE_LENGTHS = {'inputs': 8, 'targets': 8}",
+  ]
   script = f"""
 import sys
 sys.modules['t5x'] = None  # t5x and everything under it fail to import
 import gin
 from flix import gin_utils
-cases = {json.dumps([[f, k] for _, f, k, _ in CASES])}
-for files, kind in cases:
+cases = {json.dumps([[f, _used_bindings(f, bindings)] for _, f, _, _ in CASES])}
+for files, bindings in cases:
   gin.clear_config()
-  gin_utils.parse_gin(files + [{TINY!r}], [
-      "MODEL_DIR = '/x'", "TRAIN_STEPS = 1", "CHECKPOINT_PATH = '/x'",
-      "EVAL_OUTPUT_DIR = '/x'", "INFER_OUTPUT_DIR = '/x'",
-      "XTREME_UP_DIR = '/x'", "XTREME_UP_HOLDOUT = []", "TRAIN_FILES = '/x'",
-      "TASK_FEATURE_LENGTHS = {{'inputs': 8, 'targets': 8}}"])
+  gin_utils.parse_gin(files + [{TINY!r}], bindings)
 assert 't5x.models' not in sys.modules and 'flix.t5x_model' not in sys.modules
 print('parsed', len(cases))
 """
