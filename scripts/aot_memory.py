@@ -30,10 +30,12 @@ the gin's own.
 match a kernel's `embed` replicated) for a before/after comparison.
 
 The default FLix strategy ('segment') picks each group's formulation when
-traced, by backend (`layers.plan`): compiled on CPU it would pick the CPU
-ones. `--backend` (default tpu, what the configs target) fixes the plan of
-that backend instead (e.g. 'ragged' for FLix groups on TPU), so the step
-measured computes what the accelerator would.
+traced, by backend (`layers.plan`): compiled here, the CPU's ('slots',
+'sorted' or 'dense' per group; `--backend cpu`, the default). `--backend tpu`
+fixes the accelerator's plan instead ('ragged' for FLix groups), which
+compiles but is not measurable here: XLA:CPU expands `jax.lax.ragged_dot`
+into a dense masked matmul per run, so the shipped XL run's temp reads
+1515 GiB per device (measured), which says nothing about a TPU.
 
 Caveat: this is XLA:CPU's buffer assignment, not XLA:TPU's; fusion and
 rematerialisation differ, so temp sizes are indicative (argument and output
@@ -101,8 +103,9 @@ def parse_args(argv=None):
   )
   p.add_argument(
       "--backend",
-      default="tpu",
-      help="plan the 'segment' strategy's formulations for this backend",
+      default="cpu",
+      help="plan the 'segment' strategy's formulations for this backend "
+      "(tpu: 'ragged', which XLA:CPU expands; see the docstring)",
   )
   p.add_argument(
       "--replicate_adapter_embed",
