@@ -149,7 +149,7 @@ def parse_gin(
     raise ValueError(f"Gin configuration error: {_gin_message(e)}") from e
   finally:
     logging.getLogger().removeFilter(quiet)
-  check_macro_bindings(gin_bindings)
+  check_macro_bindings(gin_bindings, gin_files, search_paths)
   if finalize:
     try:
       _finalize_skipping_t5x_references()
@@ -238,11 +238,59 @@ def _gin_message(error: Exception) -> str:
   return first + (f" ({': '.join(where)})" if where else "")
 
 
-def check_macro_bindings(gin_bindings: Sequence[str]) -> None:
+def config_files(
+    gin_files: Sequence[str], search_paths: Sequence[str] = (".",)
+) -> list[str]:
+  """The gin files and every file they include, as found on disk.
+
+  Includes are resolved as gin resolves them: as given, then under each
+  search path and the repository root.
+  """
+  found: list[str] = []
+
+  def locate(name: str) -> str | None:
+    for prefix in ("", *search_paths, REPO_ROOT):
+      path = os.path.join(prefix, name) if prefix else name
+      if os.path.isfile(path):
+        return os.path.abspath(path)
+    return None
+
+  def visit(name: str) -> None:
+    path = locate(name)
+    if path is None or path in found:
+      return
+    found.append(path)
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        include = re.match(r"\s*include\s+['\"](.+)['\"]", line)
+        if include:
+          visit(include.group(1))
+
+  for name in gin_files:
+    visit(name)
+  return found
+
+
+def referenced_macros(paths: Sequence[str]) -> set[str]:
+  """Names of the macros the gin files reference (`%NAME`), in any section:
+  a macro only T5X's driver reads is still used."""
+  names = set()
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      names.update(re.findall(r"%([A-Za-z_]\w*)", f.read()))
+  return names
+
+
+def check_macro_bindings(
+    gin_bindings: Sequence[str],
+    gin_files: Sequence[str] = (),
+    search_paths: Sequence[str] = (".",),
+) -> None:
   """A command-line macro binding that nothing uses is likely a misspelling:
-  an error when a used macro has a close name, else a warning."""
-  config = gin.config_str()
-  used = set(re.findall(r"%([A-Za-z_]\w*)", config))
+  an error when a used macro has a close name, else a warning. Used: bound
+  in the parsed config or referenced by a gin file (`referenced_macros`)."""
+  used = set(re.findall(r"%([A-Za-z_]\w*)", gin.config_str()))
+  used |= referenced_macros(config_files(gin_files, search_paths))
   for binding in gin_bindings:
     match = re.match(r"\s*([A-Za-z_]\w*)\s*=", binding)
     if not match or match.group(1) in used:

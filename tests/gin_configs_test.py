@@ -13,7 +13,6 @@ a registration nothing calls) fails.
 import dataclasses
 import json
 import pathlib
-import re
 import subprocess
 import sys
 
@@ -123,17 +122,10 @@ def data(tmp_path_factory):
 
 def _closure(files) -> set[str]:
   """The gin files and everything they include (repository-relative)."""
-  found = set()
-
-  def visit(relative: str):
-    found.add(relative)
-    for line in (REPO / relative).read_text().splitlines():
-      if line.startswith("include "):
-        visit(line.split("'")[1])
-
-  for f in files:
-    visit(f)
-  return found
+  return {
+      str(pathlib.Path(p).relative_to(REPO))
+      for p in gin_utils.config_files(files, [str(REPO)])
+  }
 
 
 def _bindings(name: str, files, kind: str, data) -> list[str]:
@@ -161,19 +153,10 @@ def _bindings(name: str, files, kind: str, data) -> list[str]:
         f"EVAL_OUTPUT_DIR = '{data['out']}'",
         f"INFER_OUTPUT_DIR = '{data['out']}'",
     ]
-  return _used_bindings(files, bindings)
-
-
-def _used_bindings(files, bindings) -> list[str]:
-  """The macro bindings some file of the configuration uses (`%NAME`): the
-  command line's check takes an unused one close to a used name for a
-  misspelling (`gin_utils.check_macro_bindings`)."""
-  text = "\n".join(
-      (REPO / f).read_text() for f in _closure(list(files) + [TINY])
-  )
-  return [
-      b for b in bindings if re.search(rf"%{b.split('=')[0].strip()}\b", text)
-  ]
+  # Only what the files use: binding a macro nothing uses is an error when
+  # it looks like a misspelt one (gin_utils.check_macro_bindings).
+  used = gin_utils.referenced_macros(gin_utils.config_files(files, [str(REPO)]))
+  return [b for b in bindings if "." in b.split("=")[0] or b.split()[0] in used]
 
 
 def _file_macros(files) -> set[str]:
@@ -421,26 +404,22 @@ def test_configs_parse_without_t5x():
   """With t5x unimportable (pip-only installs) every shipped config still
   parses under flix's driver, the T5X sections being skipped, and every entry
   of `T5X_ONLY_SELECTORS` is bound by some shipped config."""
-  bindings = [
-      "MODEL_DIR = '/x'",
-      "TRAIN_STEPS = 1",
-      "CHECKPOINT_PATH = '/x'",
-      "EVAL_OUTPUT_DIR = '/x'",
-      "INFER_OUTPUT_DIR = '/x'",
-      "XTREME_UP_DIR = '/x'",
-      "XTREME_UP_HOLDOUT = []",
-      "TRAIN_FILES = '/x'",
-      "TASK_FEATURE_LENGTHS = {'inputs': 8, 'targets': 8}",
-  ]
   script = f"""
 import sys
 sys.modules['t5x'] = None  # t5x and everything under it fail to import
 import gin
 from flix import gin_utils
-cases = {json.dumps([[f, _used_bindings(f, bindings)] for _, f, _, _ in CASES])}
-for files, bindings in cases:
+cases = {json.dumps([[f, k] for _, f, k, _ in CASES])}
+bindings = [
+    "MODEL_DIR = '/x'", "TRAIN_STEPS = 1", "CHECKPOINT_PATH = '/x'",
+    "EVAL_OUTPUT_DIR = '/x'", "INFER_OUTPUT_DIR = '/x'",
+    "XTREME_UP_DIR = '/x'", "XTREME_UP_HOLDOUT = []", "TRAIN_FILES = '/x'",
+    "TASK_FEATURE_LENGTHS = {{'inputs': 8, 'targets': 8}}"]
+for files, kind in cases:
   gin.clear_config()
-  gin_utils.parse_gin(files + [{TINY!r}], bindings)
+  used = gin_utils.referenced_macros(gin_utils.config_files(files))
+  gin_utils.parse_gin(
+      files + [{TINY!r}], [b for b in bindings if b.split()[0] in used])
 assert 't5x.models' not in sys.modules and 'flix.t5x_model' not in sys.modules
 print('parsed', len(cases))
 """
