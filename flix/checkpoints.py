@@ -33,6 +33,7 @@ stacked by `layer_layout.to_layout` here, after reading.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -209,7 +210,10 @@ class Checkpointer:
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(dict(meta)),
+            # A deep copy: Orbax writes the JSON in its save thread, while
+            # the loop goes on updating the meta's nested dicts (the data
+            # position) for later steps.
+            meta=ocp.args.JsonSave(copy.deepcopy(dict(meta))),
         ),
         force=force,
     )

@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -26,6 +26,7 @@ import seqio
 from flix import checkpoints
 from flix import feature_converter
 from flix import featurized
+from flix import grow
 from flix import input_pipeline
 from flix import models
 from flix import vocabularies
@@ -351,7 +352,7 @@ def evaluate(
     mixture_or_task_name: str,
     task_feature_lengths: Mapping[str, int],
     split: str = "validation",
-    training_mixture: Optional[str] = None,
+    training_mixture: Union[None, str, Sequence[str]] = None,
     output_dir: Optional[str] = None,
     batch_size: int = 32,
     max_examples_per_task: Optional[int] = None,
@@ -376,7 +377,28 @@ def evaluate(
       if isinstance(mixture, seqio.Mixture)
       else [mixture.name]
   )
-  seen = featurized.seen_pairs(training_mixture) if training_mixture else None
+  mixtures = (
+      [training_mixture]
+      if isinstance(training_mixture, str)
+      else list(training_mixture or [])
+  )
+  if run is not None and mixtures:
+    # A grown run's old adapters were trained on its original's mixtures.
+    mixtures += run.meta.get(grow.META_KEY, {}).get("training_mixtures", [])
+  seen = None
+  if mixtures:
+    seen = set()
+    for name in dict.fromkeys(mixtures):
+      if name in seqio.MixtureRegistry.names() or (
+          name in seqio.TaskRegistry.names()
+      ):
+        seen |= featurized.seen_pairs(name)
+      else:
+        logging.warning(
+            "Training mixture %r is not registered here: the zero-shot flags "
+            "ignore the pairs it trained.",
+            name,
+        )
   rows, records = evaluate_tasks(
       model,
       params,
@@ -442,9 +464,7 @@ def evaluate_checkpoint(
       required=False,
   )
   model, params, meta = checkpoints.load_for_inference(model, checkpoint_path)
-  training_mixture = training_mixture or meta.get("data", {}).get(
-      "mixture_or_task_name"
-  )
+  training_mixture = training_mixture or grow.training_mixtures(meta)
   return evaluate(
       model=model,
       params=params,

@@ -178,6 +178,55 @@ class FeatureSpace:
       )
     return cls(groups=tuple(groups), rslora=rslora)
 
+  def extend(self, other: FeatureSpace) -> FeatureSpace:
+    """This space grown by `other`'s new values and groups; old ids kept.
+
+    Every group and value of this space keeps its position (so its id and
+    its adapter rows); values of `other` that a group lacks are appended to
+    it, and groups this space lacks are appended after its groups, in
+    `other`'s order. Old values keep their ranks; a new value takes its rank
+    in `other` (a per-value override when it is not the group's rank). The
+    group's alpha and default and `rslora` are this space's (they define the
+    old adapters' scales); feature dropout rates are `other`'s (a training
+    setting).
+
+    Raises:
+      ValueError: `other` gives a group another default or scales by rank
+        differently (`rslora`): the old adapters would change meaning.
+    """
+    if other.rslora != self.rslora:
+      raise ValueError(
+          f"Cannot extend a feature space with rslora={self.rslora} by one "
+          f"with rslora={other.rslora}: the old adapters' scales would change."
+      )
+    other_groups = {g.name: g for g in other.groups}
+    groups = []
+    for group in self.groups:
+      new = other_groups.get(group.name)
+      if new is None:
+        groups.append(group)
+        continue
+      if new.default != group.default:
+        raise ValueError(
+            f"Cannot extend feature group {group.name!r}: its default value "
+            f"is {group.default!r}, the new space's is {new.default!r}."
+        )
+      added = tuple(v for v in new.values if v not in group.values)
+      value_ranks = dict(group.value_ranks)
+      value_ranks.update(
+          (v, new.rank_of(v)) for v in added if new.rank_of(v) != group.rank
+      )
+      groups.append(
+          dataclasses.replace(
+              group,
+              values=group.values + added,
+              dropout=new.dropout,
+              value_ranks=tuple(sorted(value_ranks.items())),
+          )
+      )
+    groups += [g for g in other.groups if g.name not in self.group_names]
+    return FeatureSpace(groups=tuple(groups), rslora=self.rslora)
+
   # ---- Queries ----
 
   @property

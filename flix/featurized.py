@@ -454,6 +454,7 @@ def feature_space(
     dropout: _NumberOrMapping = None,
     rslora: bool = False,
     value_ranks: Optional[Mapping[str, Mapping[str, int]]] = None,
+    grow_from: Optional[str] = None,
 ) -> features_lib.FeatureSpace:
   """The FLix feature space of a task or mixture.
 
@@ -466,9 +467,13 @@ def feature_space(
     dropout: feature dropout probability per group or for all groups.
     rslora: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
     value_ranks: per-value rank overrides, `{group: {value: rank}}`.
+    grow_from: a trained run (GROW_FROM, see `flix.grow`): its saved space
+      extended by this one (`FeatureSpace.extend`: its values keep their
+      ids, the mixture's new values and groups are appended).
 
   Returns:
-    A `flix.features.FeatureSpace` with sorted values per group.
+    A `flix.features.FeatureSpace` with sorted values per group (the saved
+    run's order first, with `grow_from`).
   """
   values = feature_values(mixture_or_task_name)
   if groups is None:
@@ -485,7 +490,7 @@ def feature_space(
     groups = tuple(groups)
   if not groups:
     raise ValueError(f"{mixture_or_task_name!r} has no feature groups.")
-  return features_lib.FeatureSpace.from_values(
+  space = features_lib.FeatureSpace.from_values(
       {g: values[g] for g in groups},
       ranks=_per_group(ranks, groups, values),
       alphas=_per_group(alphas, groups, values),
@@ -493,6 +498,11 @@ def feature_space(
       value_ranks=value_ranks,
       rslora=rslora,
   )
+  if grow_from:
+    from flix import grow  # pylint: disable=g-import-not-at-top
+
+    space = grow.saved_space(grow_from).extend(space)
+  return space
 
 
 def feature_combinations(

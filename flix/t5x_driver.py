@@ -99,6 +99,7 @@ def task_vocabulary(
 
 def fresh_params_assignment_map(
     feature_space: Optional[features_lib.FeatureSpace],
+    grow_from: Optional[str] = None,
 ) -> tuple[tuple[str, Optional[str]], ...]:
   """`RestoreCheckpointConfig.assignment_map` of INITIAL_CHECKPOINT_PATH.
 
@@ -106,7 +107,18 @@ def fresh_params_assignment_map(
   adapters (if the model has any), the optimizer state and the step are not
   in it and start fresh (`fallback_to_scratch`), so TRAIN_STEPS counts
   fine-tuning steps under both drivers.
+
+  Raises:
+    ValueError: with `grow_from` (GROW_FROM): T5X's restore cannot place the
+      saved adapters into rows of the grown ones; `python -m flix.train`
+      grows runs of either driver.
   """
+  if grow_from:
+    raise ValueError(
+        f"GROW_FROM={grow_from!r} is supported by python -m flix.train only "
+        "(it grows runs trained by either driver); t5x.train would start "
+        "every adapter fresh."
+    )
   fresh = [(r"state/.*", None)]
   if feature_space is not None:
     fresh.insert(0, (r"target/" + layers.ADAPTER_PATH_PATTERN, None))

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from flix import checkpoints
+from flix import grow
 from flix import models
 from flix import partitioning
 from flix import resume
@@ -255,6 +256,7 @@ def train(
     evaluate_fn: Optional[Callable[..., Any]] = None,
     nonfinite_loss: str = "stop",
     operative_config: Optional[str] = None,
+    grow_from: Optional[str] = None,
 ) -> Run:
   """Trains `model` on a SeqIO mixture; resumes from MODEL_DIR if possible.
 
@@ -283,14 +285,19 @@ def train(
       steps (not applied, counted in the log).
     operative_config: text written to MODEL_DIR/config.gin once the run has
       the lock and its configuration matches the saved run's.
+    grow_from: a trained FLix run to grow (`flix.grow`): the model's feature
+      space must extend its saved one; its base (the default
+      `initial_checkpoint_path`) and adapters stay frozen and only the new
+      values' adapters train.
 
   Returns:
     the Run (state after training).
 
   Raises:
     ValueError: bad arguments, a MODEL_DIR run that trained something else
-      (`run_meta.ResumeMismatchError`), or no intact checkpoint left
-      (`resume.prepare`).
+      (`run_meta.ResumeMismatchError`), no intact checkpoint left
+      (`resume.prepare`), or a grow run that would change its original
+      (`grow.GrowMismatchError`).
     run_lock.RunLockedError: another live run holds MODEL_DIR.
     NonFiniteLossError: a non-finite step with `nonfinite_loss='stop'`.
   """
@@ -309,8 +316,27 @@ def train(
   )
   from flix import vocabularies  # pylint: disable=g-import-not-at-top
 
+  growth = grow.Growth.load(grow_from) if grow_from else None
+  if growth is not None:
+    if os.path.commonpath([growth.path, os.path.abspath(model_dir)]) == (
+        os.path.abspath(model_dir)
+    ):
+      raise ValueError(
+          f"GROW_FROM {growth.path} is in MODEL_DIR {model_dir}: a grow run "
+          "writes a new run; give it another MODEL_DIR."
+      )
+    initial_checkpoint_path = growth.base_checkpoint(initial_checkpoint_path)
+    optimizer = growth.optimizer(optimizer)
   vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
   vocabularies.check_fits(vocabulary, model.config.vocab_size)
+  described = {
+      **checkpoints.run_meta(
+          model, trainable_patterns, initial_checkpoint_path, random_seed
+      ),
+      vocabularies.META_KEY: vocabularies.record(vocabulary),
+  }
+  if growth is not None:
+    growth.check(described)
   resume.create_model_dir(model_dir)
   # One writer per MODEL_DIR (process 0 holds it for the run's hosts).
   lock = (
@@ -319,15 +345,7 @@ def train(
       else contextlib.nullcontext()
   )
   with lock:
-    resume_step = resume.prepare(
-        model_dir,
-        {
-            **checkpoints.run_meta(
-                model, trainable_patterns, initial_checkpoint_path, random_seed
-            ),
-            vocabularies.META_KEY: vocabularies.record(vocabulary),
-        },
-    )
+    resume_step = resume.prepare(model_dir, described)
     if operative_config is not None:
       with open(os.path.join(model_dir, "config.gin"), "w") as f:
         f.write(operative_config)
@@ -341,6 +359,13 @@ def train(
         num_microbatches,
     )
     run.meta[vocabularies.META_KEY] = vocabularies.record(vocabulary, model_dir)
+    if growth is not None:
+      run.meta[grow.META_KEY] = growth.record()
+      if resume_step is None:
+        run.state = run.state.replace(
+            trainable=growth.start(run.state.trainable)
+        )
+      growth.log(model.feature_space, run.state.trainable)
     partitioning.check_batch_size(batch_size, run.mesh)
     logging.info(
         "Trainable params: %d of %d (%s).",

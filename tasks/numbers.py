@@ -490,3 +490,38 @@ def register_numbers(
 
 
 DEFAULT = register_numbers()
+
+# The demo's grow step (README "Grow a trained model"): Dutch, which the demo
+# model never saw, in every task but one held out (a new language with an old
+# task, zero-shot); `numbers_multitask_nl` trains it. Old and new pairs
+# together: `numbers_multitask_with_nl` (retraining from scratch) and
+# `numbers_multitask_eval_with_nl` (evaluation).
+GROW_LANGUAGE = "nl"
+GROW_HELD_OUT = (("ordinal", GROW_LANGUAGE),)
+# Registered without a held-out pair (whose task would have no training pair
+# of this language only, a warning); the training mixture is replaced below.
+GROWN = register_numbers(
+    languages=(GROW_LANGUAGE,), held_out=(), suffix=f"_{GROW_LANGUAGE}"
+)
+
+
+def _rated_pairs(*selected: tuple[NumbersRegistration, Iterable]):
+  return [
+      (registration.task_names[p], registration.num_examples[p]["train"])
+      for registration, pairs in selected
+      for p in pairs
+  ]
+
+
+_GROW_TRAIN_PAIRS = [p for p in GROWN.pairs if p not in GROW_HELD_OUT]
+featurized.add_mixture(
+    GROWN.train_mixture, _rated_pairs((GROWN, _GROW_TRAIN_PAIRS))
+)
+featurized.add_mixture(
+    f"numbers_multitask_with_{GROW_LANGUAGE}",
+    _rated_pairs((DEFAULT, DEFAULT.train_pairs), (GROWN, _GROW_TRAIN_PAIRS)),
+)
+featurized.add_mixture(
+    f"numbers_multitask_eval_with_{GROW_LANGUAGE}",
+    _rated_pairs((DEFAULT, DEFAULT.pairs), (GROWN, GROWN.pairs)),
+)

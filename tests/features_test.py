@@ -326,6 +326,54 @@ RICH_SPACE = FeatureSpace(
 )
 
 
+def test_extend_keeps_old_ids_and_appends_new_values_and_groups():
+  new = FeatureSpace.from_values(
+      {"language": ["w", "x", "z"], "task": ["a", "c"], "domain": ["news"]},
+      ranks={"task": 8, "language": 2, "domain": 1},
+      dropout={"task": 0.5, "language": 0.1},
+  )
+  grown = SPACE.extend(new)
+  assert grown.group_names == ("task", "language", "domain")
+  task, language = grown.group("task"), grown.group("language")
+  assert task.values == ("a", "b", "c")
+  assert language.values == ("x", "y", "z", "w")
+  for features in (
+      {"task": "b", "language": "z"},
+      {"task": "a"},
+      {"language": "y"},
+  ):
+    np.testing.assert_array_equal(
+        grown.encode(features)[:2], SPACE.encode(features)
+    )
+  np.testing.assert_array_equal(
+      grown.encode({"task": "c", "language": "w", "domain": "news"}), [3, 4, 1]
+  )
+  # Old values keep their ranks and scales; new ones take the new space's.
+  for old in SPACE.groups:
+    group = grown.group(old.name)
+    assert group.rank == old.rank and group.alpha == old.alpha
+    for value in old.values:
+      assert group.rank_of(value) == old.rank_of(value)
+      assert grown.scale(group, group.rank_of(value)) == SPACE.scale(
+          old, old.rank_of(value)
+      )
+  assert task.rank_of("c") == 8 and task.max_rank == 8
+  assert language.rank_of("w") == 2 and grown.group("domain").rank == 1
+  # Dropout is a training setting: the new space's.
+  np.testing.assert_allclose(grown.dropout_rates(), [0.5, 0.1, 0.0])
+  assert grown.extend(new) == grown
+  assert FeatureSpace.from_dict(grown.to_dict()) == grown
+
+
+def test_extend_refuses_other_scaling_or_defaults():
+  with pytest.raises(ValueError, match="rslora"):
+    SPACE.extend(FeatureSpace.from_values({"task": ["a"]}, rslora=True))
+  with pytest.raises(ValueError, match="default"):
+    FeatureSpace.lora().extend(
+        FeatureSpace(groups=(FeatureGroup("lora", ("all", "more")),))
+    )
+
+
 def test_to_dict_from_dict_json_and_file_round_trips(tmp_path):
   data = RICH_SPACE.to_dict()
   assert data == {
