@@ -23,6 +23,10 @@ Groups missing from the feature set get their default value (plain LoRA's
 always-on adapter), by `FeatureSpace.resolve`; otherwise no adapter. The
 command line is `python -m flix.export` (flix/export.py).
 
+Exports are per layer (T5X / HF names) whether or not the network scans its
+layers: the functions below take params in either layout
+(`layer_layout.unstack_layers`).
+
 Dimension key: D d_in, O d_out, V values of a group, R a group's max rank,
 K total rank of the feature set in one layer.
 """
@@ -42,6 +46,7 @@ from safetensors import numpy as safetensors_np
 from flix import checkpoints
 from flix import features as features_lib
 from flix import hf_checkpoint
+from flix import layer_layout
 from flix import layers
 from flix import models
 from flix import t5x_checkpoint
@@ -113,7 +118,7 @@ def _layer_factors(
 ):
   """Flat params and, per adapted layer, the set's (s A, B) factor pairs."""
   pairs = feature_space.resolve(features, strict=True)
-  flat = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(layer_layout.unstack_layers(params))
   factors = {}
   for layer, groups in _adapted_layers(flat, feature_space).items():
     if layer + ("kernel",) not in flat:
@@ -131,7 +136,9 @@ def base_params(params: PyTree) -> Params:
   return traverse_util.unflatten_dict(
       {
           path: np.asarray(value)
-          for path, value in traverse_util.flatten_dict(params).items()
+          for path, value in traverse_util.flatten_dict(
+              layer_layout.unstack_layers(params)
+          ).items()
           if not layers.ADAPTER_LEAF_RE.match(path[-1])
       }
   )
@@ -252,7 +259,7 @@ def _target_modules(params: PyTree, modules: Sequence[str]) -> list[str]:
   """Short names (q, wi_0, ...) when they pick exactly `modules`, else paths."""
   names = sorted({m.rsplit(".", 1)[-1] for m in modules})
   every = set()
-  for path in traverse_util.flatten_dict(params):
+  for path in traverse_util.flatten_dict(layer_layout.unstack_layers(params)):
     if path[-1] == "kernel":
       try:
         every.add(hf_checkpoint.hf_module_path(path[:-1]))

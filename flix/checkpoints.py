@@ -22,9 +22,13 @@ same meta, minus the data position, in `MODEL_DIR/flix_run.json`; every
 reader here takes either layout, so flix.eval, flix.infer and flix.export
 read T5X-trained runs.
 
-`load_base_params` reads base weights from any of: a legacy T5X checkpoint
+`load_any_params` reads base weights from any of: a legacy T5X checkpoint
 (public mT5), a Hugging Face mT5 directory, or a flix Orbax checkpoint (whose
 own base is loaded recursively and its trained params merged in).
+
+All of them, flix's own included, hold the per-layer layout
+(`encoder/layers_0/...`); a network with scanned layers gets its params
+stacked by `layer_layout.to_layout` here, after reading.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from flax import traverse_util
 
 from flix import checkpoint_integrity
 from flix import features as features_lib
+from flix import layer_layout
 from flix import layers
 from flix import run_meta as run_meta_lib
 
@@ -300,14 +305,19 @@ def read_meta(path: str) -> dict[str, Any]:
   return read_step_meta(resolve_step_dir(path))
 
 
+def _read_t5x(path: str) -> PyTree:
+  """A T5X checkpoint's params per layer (a scanned model's stacked
+  `<stack>/layers/...` leaves are split, `layer_layout.unstack_layers`)."""
+  from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
+
+  return layer_layout.unstack_layers(t5x_checkpoint.read_t5x_checkpoint(path))
+
+
 def read_flix_checkpoint(path: str):
   """Reads (trained params as numpy, meta dict) of a run of either driver
   (T5X's checkpoints hold every param, flix's the trained ones)."""
   if _t5x_run_dir(path) is not None:
-    from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
-
-    params = t5x_checkpoint.read_t5x_checkpoint(t5x_step_dir(path))
-    return params, read_meta(path)
+    return _read_t5x(t5x_step_dir(path)), read_meta(path)
   step_dir = resolve_step_dir(path)
   checkpointer = ocp.StandardCheckpointer()
   params = checkpointer.restore(os.path.join(step_dir, "params"))
@@ -369,9 +379,7 @@ _FORMATS = (
 def load_any_params(path: str) -> PyTree:
   """All params stored under `path`, as a nested numpy dict (T5X names)."""
   if path.startswith("gs://"):
-    from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
-
-    return t5x_checkpoint.read_t5x_checkpoint(path)
+    return _read_t5x(path)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"INITIAL_CHECKPOINT_PATH {path} does not exist. Give {_FORMATS}."
@@ -387,9 +395,7 @@ def load_any_params(path: str) -> PyTree:
       )
     return hf_checkpoint.hf_to_t5x(hf_checkpoint.read_hf_checkpoint(path))
   if _is_t5x_step(path):
-    from flix import t5x_checkpoint  # pylint: disable=g-import-not-at-top
-
-    return t5x_checkpoint.read_t5x_checkpoint(path)
+    return _read_t5x(path)
   if _looks_like_t5x(path):
     raise FileNotFoundError(
         f"{path} holds T5X parameter folders but no `checkpoint` file (the "
@@ -431,19 +437,23 @@ def restore_base_params(
   error naming it and the shapes (no silent random init).
 
   Args:
-    target: nested dict of initial arrays (defines names and shapes).
+    target: nested dict of initial arrays (defines names and shapes), per
+      layer or stacked (`layer_layout`).
     path: checkpoint location, see `load_any_params`.
-    fresh_patterns: regexes of params that start fresh.
+    fresh_patterns: regexes of params that start fresh (matched against the
+      per-layer names).
     config: the network's `T5Config`; a Hugging Face checkpoint's config must
       then match it (activations, position buckets, logits form, sizes).
 
   Returns:
-    nested dict like `target`.
+    nested dict like `target`, in its layout.
   """
   if config is not None and os.path.isdir(path) and _is_hf(path):
     from flix import hf_checkpoint  # pylint: disable=g-import-not-at-top
 
     hf_checkpoint.check_network_config(path, config)
+  stacked = layer_layout.is_stacked(target)
+  target = layer_layout.unstack_layers(target)
   loaded = traverse_util.flatten_dict(load_any_params(path), sep="/")
   fresh = [re.compile(p) for p in fresh_patterns]
   out, missing, wrong = {}, [], []
@@ -476,7 +486,9 @@ def restore_base_params(
         ". Check the model gin (sizes, logits_via_embedding) against the "
         "checkpoint."
     )
-  return traverse_util.unflatten_dict(out, sep="/")
+  return layer_layout.to_layout(
+      traverse_util.unflatten_dict(out, sep="/"), stacked
+  )
 
 
 def load_for_inference(model, path: str):
@@ -491,7 +503,7 @@ def load_for_inference(model, path: str):
     path: a MODEL_DIR, its checkpoints/ dir, or one step's dir.
 
   Returns:
-    (model, params as a nested numpy dict, meta dict)
+    (model, params as a nested numpy dict in the network's layout, meta dict)
   """
   trained, meta = read_flix_checkpoint(path)
   space = meta.get("feature_space")
@@ -504,10 +516,14 @@ def load_for_inference(model, path: str):
   model = dataclasses.replace(model, config=config)
   base = meta.get("base", {})
   rng = jax.random.PRNGKey(int(base.get("init_seed") or 0))
+  # Merged per layer (the layout every checkpoint holds), then converted.
   shapes = traverse_util.flatten_dict(
-      jax.eval_shape(model.init_params, rng), sep="/"
+      layer_layout.unstack_layers(jax.eval_shape(model.init_params, rng)),
+      sep="/",
   )
-  trained_flat = traverse_util.flatten_dict(trained, sep="/")
+  trained_flat = traverse_util.flatten_dict(
+      layer_layout.unstack_layers(trained), sep="/"
+  )
   if set(shapes) <= set(trained_flat):
     # T5X's checkpoints and full fine-tuning hold every param.
     flat = dict(shapes)
@@ -525,7 +541,10 @@ def load_for_inference(model, path: str):
     )
   else:
     flat = traverse_util.flatten_dict(
-        jax.tree.map(np.asarray, model.init_params(rng)), sep="/"
+        layer_layout.unstack_layers(
+            jax.tree.map(np.asarray, model.init_params(rng))
+        ),
+        sep="/",
     )
   for name, value in trained_flat.items():
     if name not in flat or flat[name].shape != value.shape:
@@ -541,4 +560,5 @@ def load_for_inference(model, path: str):
         f"Checkpoint {path} lacks trained params {missing[:5]}; "
         "it does not belong to this model config."
     )
-  return model, traverse_util.unflatten_dict(flat, sep="/"), meta
+  params = model.network_layout(traverse_util.unflatten_dict(flat, sep="/"))
+  return model, params, meta

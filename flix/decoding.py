@@ -17,7 +17,8 @@ Token conventions (T5): PAD = BOS = 0, EOS = 1. Every sequence starts from
 BOS; after EOS a sequence is padded with 0. Results are
 `(sequences [B, N, max_decode_len], scores [B, N])`, best first. Everything is
 `lax.while_loop`-based and jit-friendly (jit the caller; sizes, temperature
-and top-k are static).
+and top-k are static). A scanned network's cache is stacked over layers in
+front of the batch: `cache_offset=1` (T5X's name) puts its batch axis second.
 """
 
 from __future__ import annotations
@@ -68,13 +69,21 @@ def flat_batch_beam_expand(x: Array, beam_size: int) -> Array:
   return x if x.ndim == 0 else jnp.repeat(x, beam_size, axis=0)
 
 
-def _expand_cache(cache: PyTree, n: int) -> PyTree:
-  return jax.tree.map(lambda x: flat_batch_beam_expand(x, n), cache)
+def _expand_cache(cache: PyTree, n: int, offset: int = 0) -> PyTree:
+  """Repeats each example n times on the batch axis `offset` of every leaf
+  that has one (not cache indices)."""
+  return jax.tree.map(
+      lambda x: x if x.ndim <= offset else jnp.repeat(x, n, axis=offset), cache
+  )
 
 
-def _gather_flat(tree: PyTree, flat_index: Array) -> PyTree:
-  """Selects rows `flat_index` [B*] of every non-scalar leaf."""
-  return jax.tree.map(lambda x: x if x.ndim == 0 else x[flat_index], tree)
+def _gather_flat(tree: PyTree, flat_index: Array, offset: int = 0) -> PyTree:
+  """Selects rows `flat_index` [B*] on the batch axis `offset` of every leaf
+  that has one."""
+  return jax.tree.map(
+      lambda x: x if x.ndim <= offset else jnp.take(x, flat_index, axis=offset),
+      tree,
+  )
 
 
 def _sort_best_first(sequences: Array, scores: Array):
@@ -96,6 +105,7 @@ def temperature_sample(
     topk: int = 0,
     num_decodes: int = 1,
     eos_id: int = EOS_ID,
+    cache_offset: int = 0,
 ) -> tuple[Array, Array]:
   """Samples `num_decodes` continuations per example (temperature 0: greedy).
 
@@ -110,6 +120,7 @@ def temperature_sample(
     topk: sample among the k most likely tokens only (0: all).
     num_decodes: N samples per example.
     eos_id: end-of-sequence id.
+    cache_offset: the batch axis of the cache's arrays (1 when scanned).
 
   Returns:
     sequences int32 [B, N, L] (0 after EOS) and their log-likelihoods under
@@ -122,7 +133,7 @@ def temperature_sample(
   rng = jax.random.PRNGKey(0) if rng is None else rng
   flat = batch_size * num_decodes
   if num_decodes > 1:
-    cache = _expand_cache(cache, num_decodes)
+    cache = _expand_cache(cache, num_decodes, cache_offset)
 
   def cond(carry):
     i, _, _, ended, _, _ = carry
@@ -172,6 +183,7 @@ def greedy(
     batch_size: int,
     max_decode_len: int,
     eos_id: int = EOS_ID,
+    cache_offset: int = 0,
 ) -> tuple[Array, Array]:
   """Argmax decoding: `temperature_sample` with temperature 0, [B, 1, L]."""
   return temperature_sample(
@@ -181,6 +193,7 @@ def greedy(
       max_decode_len=max_decode_len,
       temperature=0.0,
       eos_id=eos_id,
+      cache_offset=cache_offset,
   )
 
 
@@ -209,6 +222,7 @@ def beam_search(
     beam_size: int = 4,
     alpha: float = 0.6,
     eos_id: int = EOS_ID,
+    cache_offset: int = 0,
 ) -> tuple[Array, Array]:
   """Beam search with T5X's length penalty.
 
@@ -228,6 +242,7 @@ def beam_search(
     beam_size: K.
     alpha: length-penalty exponent (0: plain log-probabilities).
     eos_id: end-of-sequence id.
+    cache_offset: the batch axis of the cache's arrays (1 when scanned).
 
   Returns:
     sequences int32 [B, K, L] and scores [B, K], best first.
@@ -264,7 +279,7 @@ def beam_search(
     live_seqs = jnp.take_along_axis(seqs, keep[..., None], axis=1)
     keep_parent = jnp.take_along_axis(parent, keep, axis=1)  # [B, K]
     flat_parent = jnp.arange(batch_size)[:, None] * k + keep_parent
-    cache = _gather_flat(cache, flat_parent.reshape(-1))
+    cache = _gather_flat(cache, flat_parent.reshape(-1), cache_offset)
 
     scores = jnp.where(ended, top_lp / brevity_penalty(alpha, i + 1), NEG_INF)
     all_scores = jnp.concatenate([s.finished_scores, scores], axis=1)
@@ -292,7 +307,7 @@ def beam_search(
       zeros,
       jnp.full((batch_size, k), NEG_INF, jnp.float32),
       jnp.zeros((batch_size, k), bool),
-      _expand_cache(cache, k),
+      _expand_cache(cache, k, cache_offset),
   )
   s = jax.lax.while_loop(cond, body, state)
 

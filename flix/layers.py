@@ -80,6 +80,15 @@ def adapter_leaf_names(group: str) -> tuple[str, str]:
 # Logical axis names of adapter dimensions (replicated by default rules).
 VALUES_AXIS = "flix_values"
 RANK_AXIS = "lora_rank"
+# An adapter's d_in / d_out where the kernel's is 'embed', which T5X's 1-D
+# rules replicate; the default rules shard this one (`flix.partitioning`).
+EMBED_AXIS = "adapter_embed"
+
+
+def adapter_axis(kernel_axis: str) -> str:
+  """Logical axis of the adapter dimension matching a kernel dimension."""
+  return EMBED_AXIS if kernel_axis == "embed" else kernel_axis
+
 
 # The CPU planner's prices, per token, in adapter columns (one rank column
 # of one value's A and B), fitted to scripts/bench_layer.py runs on XLA:CPU
@@ -464,7 +473,8 @@ class FlixDense(nn.Module):
         a = self.param(
             a_name,
             nn.with_logical_partitioning(
-                self.adapter_init, (VALUES_AXIS, self.kernel_axes[0], RANK_AXIS)
+                self.adapter_init,
+                (VALUES_AXIS, adapter_axis(self.kernel_axes[0]), RANK_AXIS),
             ),
             (group.num_values, d_in, group.max_rank),
             jnp.float32,
@@ -473,7 +483,7 @@ class FlixDense(nn.Module):
             b_name,
             nn.with_logical_partitioning(
                 nn.initializers.zeros,
-                (VALUES_AXIS, RANK_AXIS, self.kernel_axes[1]),
+                (VALUES_AXIS, RANK_AXIS, adapter_axis(self.kernel_axes[1])),
             ),
             (group.num_values, group.max_rank, d_out),
             jnp.float32,

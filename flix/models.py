@@ -10,6 +10,10 @@ A `FlixModel` binds a `network.Transformer` to the batch layout produced by
 
 Feature dropout happens here, in training only: one draw per (example, group),
 shared by the example's encoder and decoder tokens.
+
+Params may be given per layer (the public layout), stacked, or mixed; every
+method puts them in the network's layout (`layer_layout.to_layout`), which is a
+no-op for leaves already in it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 from flix import decoding
 from flix import features as features_lib
+from flix import layer_layout
 from flix import network
 from flix import routing
 
@@ -130,7 +135,20 @@ class FlixModel:
   def init_boxed(
       self, rng: Array, input_length: int = 8, target_length: int = 8
   ) -> PyTree:
-    """Initial params with their logical-partitioning boxes."""
+    """Initial params with their logical-partitioning boxes, in the network's
+    layout. Their values do not depend on the layout: a scanning network's
+    are the unrolled network's, stacked (`nn.scan` would draw other random
+    numbers), so a random base is rebuilt alike with or without scan."""
+    if self.config.scan_layers:
+      unrolled = dataclasses.replace(
+          self,
+          config=dataclasses.replace(
+              self.config, scan_layers=False, remat_policy="none"
+          ),
+      )
+      return layer_layout.stack_layers(
+          unrolled.init_boxed(rng, input_length, target_length)
+      )
     batch = self.dummy_batch(1, input_length, target_length)
     return self.module.init(
         rng,
@@ -142,8 +160,12 @@ class FlixModel:
         enable_dropout=False,
     )["params"]
 
+  def network_layout(self, params: PyTree) -> PyTree:
+    """`params` in the network's layout (stacked layers if it scans them)."""
+    return layer_layout.to_layout(params, self.config.scan_layers)
+
   def init_params(self, rng: Array) -> PyTree:
-    """Initial params as plain arrays (unboxed)."""
+    """Initial params as plain arrays (unboxed), in the network's layout."""
     return nn.unbox(self.init_boxed(rng))
 
   def abstract_params(self) -> PyTree:
@@ -212,7 +234,7 @@ class FlixModel:
     enc_ids, dec_ids = self._dropped_feature_ids(batch, feature_rng)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return self.module.apply(
-        {"params": params},
+        {"params": self.network_layout(params)},
         batch["encoder_input_tokens"],
         batch["decoder_input_tokens"],
         batch["decoder_target_tokens"],
@@ -296,8 +318,10 @@ class FlixModel:
 
     Returns:
       (tokens_to_logits(state) -> (logits [B * fan_out, V], cache), the cache
-      for B examples, which the decoding function expands).
+      for B examples, which the decoding function expands on its batch axis
+      `cache_offset`).
     """
+    params = self.network_layout(params)
     tokens = batch["encoder_input_tokens"]
     enc_ids = self.feature_ids(batch, "encoder")
     example_ids = None if enc_ids is None else enc_ids[:, 0, :]  # [B, G]
@@ -324,6 +348,12 @@ class FlixModel:
         self.module, self.config, tokens.shape[0], max_decode_length
     )
     return step_fn, cache
+
+  @property
+  def cache_offset(self) -> int:
+    """The batch axis of the decoding cache's arrays: a scanned network's
+    cache is stacked over layers in front of the batch (T5X's name)."""
+    return 1 if self.config.scan_layers else 0
 
   def predict_batch(
       self,
@@ -357,6 +387,7 @@ class FlixModel:
           max_decode_len=max_decode_length,
           beam_size=beam_size,
           alpha=alpha,
+          cache_offset=self.cache_offset,
       )
     if method == "greedy":
       temperature = 0.0
@@ -373,4 +404,5 @@ class FlixModel:
         temperature=temperature,
         topk=topk,
         num_decodes=num_decodes,
+        cache_offset=self.cache_offset,
     )

@@ -19,6 +19,13 @@ broadcast over L): encoder layers use the encoder ids; decoder self-attention
 and MLP the decoder ids; cross-attention's query/out the decoder ids and its
 key/value, which project encoder outputs, the encoder ids.
 
+Layer stacks: a Python loop over `layers_<i>` modules (T5X's names), or with
+`T5Config.scan_layers` one `nn.scan` over a module named `layers` whose params
+are stacked on a leading 'layers' axis (`flix.layer_layout` converts to and
+from the per-layer layout); each layer is rematerialised in the backward pass
+per `T5Config.remat_policy`. Both share one feature routing per stack, passed
+to every layer.
+
 Dimension key: B batch, L length (Le encoder, Ld decoder), D emb_dim,
 H heads, K head_dim, F mlp_dim, V vocab, G feature groups.
 """
@@ -31,7 +38,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flix import layer_layout
 from flix import layers
+from flix import t5_config
 from flix import t5_layers
 
 # The config and presets live in t5_config; they are part of this module's API
@@ -60,7 +69,8 @@ class EncoderLayer(nn.Module):
     y = t5_layers.LayerNorm(cfg.dtype, name="pre_mlp_layer_norm")(x)
     y = t5_layers.MlpBlock(cfg, self.adapted, name="mlp")(y, ids, deterministic)
     y = t5_layers.dropout(cfg, y, deterministic) + x
-    return t5_layers.constrain(y, "batch", "length", "embed")  # [B, L, D]
+    y = t5_layers.constrain(y, "batch", "length", "embed")  # [B, L, D]
+    return (y, None) if cfg.scan_layers else y
 
 
 class DecoderLayer(nn.Module):
@@ -115,7 +125,46 @@ class DecoderLayer(nn.Module):
         z, dec_ids, deterministic
     )
     z = t5_layers.dropout(cfg, z, deterministic) + y
-    return t5_layers.constrain(z, "batch", "length", "embed")  # [B, L, D]
+    z = t5_layers.constrain(z, "batch", "length", "embed")  # [B, L, D]
+    return (z, None) if cfg.scan_layers else z
+
+
+def _run_layers(
+    cfg: T5Config,
+    layer: type[nn.Module],
+    num_layers: int,
+    adapted: tuple[str, ...],
+    x: Array,
+    *args,
+    static: tuple[int, ...],
+) -> Array:
+  """Applies `num_layers` layers `layer(cfg, adapted)(x, *args)` to x [B, L, D].
+
+  `static` indexes the Python-valued `args` (flags), which rematerialisation
+  must not trace. Called inside a stack's compact method, so the layers are
+  its submodules.
+  """
+  if cfg.remat_policy != "none":
+    layer = nn.remat(
+        layer,
+        policy=t5_config.remat_policy(cfg.remat_policy),
+        prevent_cse=not cfg.scan_layers,  # scan already prevents CSE
+        static_argnums=tuple(i + 2 for i in static),  # after self and x
+    )
+  if not cfg.scan_layers:
+    for i in range(num_layers):
+      x = layer(cfg, adapted, name=f"layers_{i}")(x, *args)
+    return x
+  stack = nn.scan(
+      layer,
+      variable_axes={"params": 0, "cache": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * len(args),
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: layer_layout.LAYERS_AXIS},
+  )
+  x, _ = stack(cfg, adapted, name=layer_layout.STACKED)(x, *args)
+  return x
 
 
 def _route(cfg: T5Config, ids: Optional[Array]):
@@ -149,10 +198,18 @@ class Encoder(nn.Module):
     ids = _route(cfg, ids)
     x = self.shared_embedding(tokens.astype(jnp.int32))
     x = t5_layers.dropout(cfg, x, deterministic).astype(cfg.dtype)
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, cfg.adapted("encoder"), name=f"layers_{i}")(
-          x, ids, mask, bias, deterministic
-      )
+    x = _run_layers(
+        cfg,
+        EncoderLayer,
+        cfg.num_encoder_layers,
+        cfg.adapted("encoder"),
+        x,
+        ids,
+        mask,
+        bias,
+        deterministic,
+        static=(3,),
+    )
     x = t5_layers.LayerNorm(cfg.dtype, name="encoder_norm")(x)
     # The one hidden-state dropout whose mask is not shared over length (T5X).
     return t5_layers.dropout(
@@ -190,18 +247,22 @@ class Decoder(nn.Module):
     y = self.shared_embedding(tokens.astype(jnp.int32))
     y = t5_layers.dropout(cfg, y, deterministic).astype(cfg.dtype)
     adapted = cfg.adapted("decoder")
-    for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, adapted, name=f"layers_{i}")(
-          y,
-          encoded,
-          dec_ids,
-          enc_ids,
-          decoder_mask,
-          cross_mask,
-          bias,
-          deterministic,
-          decode,
-      )
+    y = _run_layers(
+        cfg,
+        DecoderLayer,
+        cfg.num_decoder_layers,
+        adapted,
+        y,
+        encoded,
+        dec_ids,
+        enc_ids,
+        decoder_mask,
+        cross_mask,
+        bias,
+        deterministic,
+        decode,
+        static=(6, 7),
+    )
     y = t5_layers.LayerNorm(cfg.dtype, name="decoder_norm")(y)
     y = t5_layers.dropout(cfg, y, deterministic)
     if cfg.rescales_logits:  # T5 1.0 and T5X's tied logits.

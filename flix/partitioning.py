@@ -2,8 +2,11 @@
 
 Params and activations carry logical axis names (`embed`, `mlp`, `joined_kv`,
 ...); the rules map them onto a `('data', 'model')` mesh. FLix adapters
-inherit the base kernel's sharding on d_in / d_out and replicate their value
-and rank dimensions (`flix_values`, `lora_rank` -> None).
+inherit the base kernel's sharding on d_in / d_out, except that where the
+kernel's dimension is `embed` (replicated by T5X's 1-D rules) the adapter's is
+`adapter_embed`, sharded over 'model': every adapter is then split over the
+model axis once. Value and rank dimensions (`flix_values`, `lora_rank`) are
+replicated. Scanned stacks add a leading, replicated `layers` axis.
 """
 
 from __future__ import annotations
@@ -22,10 +25,16 @@ LogicalRules = Sequence[tuple[str, Optional[str]]]
 
 
 def adapter_axis_rules() -> tuple[tuple[str, Optional[str]], ...]:
-  """The FLix adapter axes: inventory and rank dimensions are replicated
-  (the d_in / d_out dimensions use the base kernel's axes). T5X's
-  partitioner takes them as `additional_rules`."""
-  return ((layers.VALUES_AXIS, None), (layers.RANK_AXIS, None))
+  """The FLix adapter axes: inventory and rank dimensions are replicated,
+  an adapter's `adapter_embed` side is sharded over 'model' (its other side
+  uses the base kernel's axis). T5X's partitioner takes them as
+  `additional_rules` (its own rules already replicate scanned stacks'
+  `layers` axis, as flix's do)."""
+  return (
+      (layers.VALUES_AXIS, None),
+      (layers.RANK_AXIS, None),
+      (layers.EMBED_AXIS, "model"),
+  )
 
 
 def standard_logical_axis_rules(

@@ -4,16 +4,19 @@
 `preset(name, **overrides)` returns mT5 small..xxl, ByT5 small/base, the
 tiny T5 v1.1 of prompt-tuning's test checkpoint, or a tiny test model (sizes:
 docs/mt5_reference.md §3). The FLix
-fields say which dense layers carry adapters and how they are computed.
+fields say which dense layers carry adapters and how they are computed;
+`scan_layers` and `remat_policy` say how the layer stacks are run (T5X's
+options of the same names).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flix import features as features_lib
@@ -22,6 +25,35 @@ from flix import layers
 # Dense layers that can carry adapters ('wi_<n>' for gated MLPs).
 _TARGET_RE = re.compile(r"^(query|key|value|out|wi|wi_\d+|wo|logits_dense)$")
 _STACKS = ("encoder", "decoder")
+# Named rematerialisation policies: what a layer's backward pass may keep of
+# its forward pass instead of recomputing it ('none': no rematerialisation).
+_NAMED_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # T5X's 'minimal': keep the matmuls with weights (no batch dimensions).
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+# jax.checkpoint_policies that are policies themselves (not factories).
+_JAX_POLICIES = (
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+    "nothing_saveable",
+)
+REMAT_POLICIES = ("none",) + tuple(_NAMED_POLICIES) + _JAX_POLICIES
+
+
+def remat_policy(name: str) -> Optional[Callable[..., bool]]:
+  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name (None: 'none')."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(
+        f"T5Config: unknown remat_policy {name!r}; use one of "
+        f"{REMAT_POLICIES}."
+    )
+  if name == "none":
+    return None
+  return _NAMED_POLICIES.get(name) or getattr(jax.checkpoint_policies, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +90,12 @@ class T5Config:
     flix_strategy: `layers.STRATEGIES` entry of the adapter computation.
     max_segments: per-row slots of the 'segment' strategy (>= the number of
       packed examples per row).
+    scan_layers: run each stack as one `nn.scan` over its layers, params
+      stacked on a leading 'layers' axis (`flix.layer_layout`); compiles in
+      time independent of depth. Checkpoints keep the per-layer layout.
+    remat_policy: rematerialisation of each layer in the backward pass, one
+      of `REMAT_POLICIES`: 'none', 'full' (recompute everything), 'minimal'
+      (keep matmuls with weights, T5X's), or a `jax.checkpoint_policies` name.
   """
 
   vocab_size: int
@@ -89,6 +127,8 @@ class T5Config:
   adapter_stacks: tuple[str, ...] = ("encoder", "decoder")
   flix_strategy: str = "segment"
   max_segments: int = 1
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   def __post_init__(self):
     try:
@@ -147,6 +187,11 @@ class T5Config:
           f"T5Config: flix_strategy {self.flix_strategy!r} not "
           f"in {layers.STRATEGIES}."
       )
+    remat_policy(self.remat_policy)  # validates the name
+    if self.scan_layers and not (
+        self.num_encoder_layers and self.num_decoder_layers
+    ):
+      raise ValueError("T5Config: scan_layers needs layers in both stacks.")
     if not isinstance(
         self.feature_space, (features_lib.FeatureSpace, type(None))
     ):

@@ -17,6 +17,11 @@ partitioner, checkpoints, evaluator and decoding loops.
   - Parameters carry `params_axes` from flix's logical axes, so T5X's
     `PjitPartitioner` shards base kernels and adapters alike (with
     `flix.partitioning.adapter_axis_rules()` as `additional_rules`).
+  - Parameters are per layer (`encoder/layers_0/...`, the public T5X
+    layout) in T5X's train state and checkpoints, whether or not the network
+    scans its layers (`T5Config.scan_layers`): a scanned network gets them
+    stacked inside each step (`FlixModel.network_layout`), so T5X restores
+    public checkpoints, and flix reads T5X runs, unchanged.
   - The frozen base is neither differentiated (its leaves pass through
     `stop_gradient` in the loss) nor held in optimizer state
     (`TrainableSubsetOptimizer` keeps optax state for the trainable subset
@@ -46,6 +51,7 @@ from t5x import optimizers as t5x_optimizers
 
 from flix import feature_converter
 from flix import features as features_lib
+from flix import layer_layout
 from flix import models
 from flix import train_step
 
@@ -229,7 +235,10 @@ class FlixEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     """`params` and their logical `params_axes` (shapes do not depend on the
     batch, so `input_shapes` is not needed)."""
     del input_shapes, input_types
-    boxed = self.flix_model.init_boxed(rng)
+    # Per layer even when the network scans its layers (the model stacks
+    # them in each step): T5X's checkpoints, restore from public
+    # checkpoints and assignment maps then see the public layout.
+    boxed = layer_layout.unstack_layers(self.flix_model.init_boxed(rng))
     return {"params": nn.unbox(boxed), "params_axes": params_axes(boxed)}
 
   def _stop_frozen_gradients(self, params: PyTree) -> PyTree:
@@ -338,7 +347,7 @@ class FlixEncoderDecoderModel(t5x_models.EncoderDecoderModel):
         cache=cache,
         tokens_to_logits=step_fn,
         num_decodes=num_decodes,
-        cache_offset=0,
+        cache_offset=self.flix_model.cache_offset,
         **decoder_params,
     )
     if return_all_decodes:

@@ -5,6 +5,13 @@ Freezing is a mask built once from the parameter paths (`trainable_patterns`:
 the adapters, full fine-tuning trains everything. The frozen part is neither differentiated nor copied
 into optimizer state: the step takes `value_and_grad` w.r.t. the trainable
 subtree only.
+
+Layouts (`flix.layer_layout`): the trainable params and their optimizer state
+are kept per layer whatever the network's layout, so checkpoints, resumption
+and the optimizer's math (Adafactor's per-parameter factoring and clipping)
+are the same with and without scanned layers; the frozen base keeps the
+network's layout (stacked when scanned) and the model stacks the trainable
+leaves into it inside the step.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from flix import layer_layout
 from flix import layers
 from flix import models
 from flix import partitioning
@@ -47,7 +55,12 @@ def trainable_regexes(trainable_patterns: TrainablePatterns) -> tuple[str, ...]:
 
 
 def split_params(params: PyTree, trainable_patterns: TrainablePatterns):
-  """Splits a nested param dict into (trainable, frozen) nested dicts."""
+  """Splits a nested param dict into (trainable, frozen) nested dicts.
+
+  Patterns match '/'-joined paths of `params` as given (a scanned stack's
+  paths read `encoder/layers/...`; the default patterns match either). The
+  trainable part comes back per layer, the frozen part as given.
+  """
   trainable_patterns = trainable_regexes(trainable_patterns)
   regexes = [re.compile(p) for p in trainable_patterns]
   flat = traverse_util.flatten_dict(params, sep="/")
@@ -61,12 +74,15 @@ def split_params(params: PyTree, trainable_patterns: TrainablePatterns):
     )
   frozen = {k: v for k, v in flat.items() if k not in trainable}
   return (
-      traverse_util.unflatten_dict(trainable, sep="/"),
+      layer_layout.unstack_layers(
+          traverse_util.unflatten_dict(trainable, sep="/")
+      ),
       traverse_util.unflatten_dict(frozen, sep="/"),
   )
 
 
 def merge_params(trainable: PyTree, frozen: PyTree) -> PyTree:
+  """One param tree (mixed layouts if the frozen part is stacked)."""
   flat = traverse_util.flatten_dict(frozen, sep="/")
   flat.update(traverse_util.flatten_dict(trainable, sep="/"))
   return traverse_util.unflatten_dict(flat, sep="/")
@@ -340,16 +356,20 @@ def state_shardings(
     (abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings)
   """
   replicated = partitioning.replicated(mesh)
-  with mesh, nn.logical_axis_rules(rules):
-    param_sharding = partitioning.logical_to_sharding(
-        model.param_logical_axes(), mesh, rules
-    )
-  abstract_params = nn.unbox(model.abstract_params())
+  boxed = model.abstract_params()  # shapes and logical axes
   abstract = jax.eval_shape(
       lambda p: create_train_state(p, optimizer, trainable_patterns),
-      abstract_params,
+      nn.unbox(boxed),
   )
-  trainable, frozen = split_params(param_sharding, trainable_patterns)
+  # Split the boxes, not shardings: the trainable part is unstacked per
+  # layer, which needs the shapes.
+  with mesh, nn.logical_axis_rules(rules):
+    trainable, frozen = (
+        partitioning.logical_to_sharding(
+            nn.get_partition_spec(part), mesh, rules
+        )
+        for part in split_params(boxed, trainable_patterns)
+    )
   opt_state = optimizer_state_like_params(
       optimizer, abstract.opt_state, abstract.trainable, trainable, replicated
   )

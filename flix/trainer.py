@@ -73,10 +73,10 @@ def build_run(
   _, state_sharding = train_step_lib.state_shardings(
       model, optimizer, trainable_patterns, mesh, rules
   )
-  param_sharding = train_step_lib.merge_params(
-      state_sharding.trainable, state_sharding.frozen
-  )
   with mesh, nn.logical_axis_rules(rules):
+    param_sharding = partitioning.logical_to_sharding(
+        model.param_logical_axes(), mesh, rules
+    )
     params = jax.jit(model.init_params, out_shardings=param_sharding)(
         jax.random.PRNGKey(random_seed)
     )

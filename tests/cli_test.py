@@ -63,7 +63,11 @@ def _meta(model_dir, step):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A base run, then a FLix run killed after 3 steps and resumed."""
+  """A base run, then a FLix run killed after 3 steps and resumed.
+
+  The base (full fine-tuning) and the resumed run scan their layers, the
+  killed run does not: checkpoints are per layer, so runs are interchangeable.
+  """
   root = tmp_path_factory.mktemp("cli")
   base, flix = str(root / "base"), str(root / "flix")
   _run(
@@ -73,6 +77,7 @@ def trained(tmp_path_factory):
       f'--gin.MODEL_DIR="{base}"',
       "--gin.TRAIN_STEPS=2",
       "--gin.CHECKPOINT_PERIOD=2",
+      "--gin.SCAN_LAYERS=True",
   )
   flix_args = [
       "--gin_file=configs/demo.gin",
@@ -90,7 +95,12 @@ def trained(tmp_path_factory):
       "step 3/6",
       os.path.join(flix, "checkpoints", "2"),
   )
-  second = _run("flix.train", *flix_args)
+  second = _run(
+      "flix.train",
+      *flix_args,
+      "--gin.SCAN_LAYERS=True",
+      "--gin.REMAT_POLICY='minimal'",
+  )
   return {
       "root": root,
       "base": base,

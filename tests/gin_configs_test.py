@@ -44,6 +44,7 @@ CASES = [
     ("byo_jsonl", ["configs/byo_jsonl.gin"], "train", True),
     ("flix_mt5_xl", [XL], "train", True),
     ("lora_mt5_xl", ["configs/lora_mt5_xl.gin"], "train", False),
+    ("flix_mt5_xxl", ["configs/flix_mt5_xxl.gin"], "train", False),
     (
         "xtreme_up_zero_shot",
         [XL, "configs/data/xtreme_up_zero_shot.gin"],

@@ -568,4 +568,5 @@ def test_params_abstract_params_and_logical_axes_share_one_tree():
   kernel = axes["decoder"]["logits_dense"]["kernel"]
   assert tuple(kernel) == ("embed", "vocab")
   lora_a = axes["encoder"]["layers_0"]["mlp"]["wi_0"]["lora_a_task"]
-  assert tuple(lora_a) == ("flix_values", "embed", "lora_rank")
+  # The adapter side of a kernel's `embed` dimension is sharded (own axis).
+  assert tuple(lora_a) == ("flix_values", "adapter_embed", "lora_rank")

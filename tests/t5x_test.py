@@ -190,6 +190,59 @@ def test_params_axes_name_every_param():
       assert spec[0] == layers.VALUES_AXIS and spec[2] == layers.RANK_AXIS
 
 
+def test_scanned_network_keeps_t5x_state_per_layer():
+  """With scanned layers T5X's params (hence its checkpoints and restores)
+  stay in the public per-layer layout; loss, gradients and decodes equal
+  the unscanned model's for the same params."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  flix, t5x = _models()
+  scanned_flix = dataclasses.replace(
+      flix,
+      config=dataclasses.replace(
+          flix.config, scan_layers=True, remat_policy="minimal"
+      ),
+  )
+  scanned = t5x_model.FlixEncoderDecoderModel(
+      scanned_flix,
+      seqio.ByteVocabulary(),
+      optimizer=train_step.make_optimizer(1e-2, "adamw"),
+      decode_kwargs={"method": "beam", "beam_size": 2},
+  )
+  variables = scanned.get_initial_variables(jax.random.PRNGKey(0), {})
+  unscanned = t5x.get_initial_variables(jax.random.PRNGKey(0), {})
+  names = set(traverse_util.flatten_dict(variables["params"], sep="/"))
+  assert names == set(traverse_util.flatten_dict(unscanned["params"], sep="/"))
+  assert "encoder/layers_1/attention/query/kernel" in names
+  from flax.linen import partitioning as flax_partitioning  # pylint: disable=g-import-not-at-top
+
+  axes = flax_partitioning.get_axis_names(variables["params_axes"])
+  assert "layers" not in jax.tree.leaves(axes)
+
+  params, batch = _params(flix), _batch(flix)
+  loss = lambda model: jax.jit(
+      jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0])
+  )(params)
+  (scanned_loss, scanned_grads), (loss_, grads) = loss(scanned), loss(t5x)
+  np.testing.assert_allclose(scanned_loss, loss_, rtol=1e-5)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+      scanned_grads,
+      grads,
+  )
+  state = scanned.optimizer_def.init_state(params)
+  new_params, _ = scanned.optimizer_def.apply_gradient(
+      None, params, state, scanned_grads
+  )
+  assert jax.tree.structure(new_params) == jax.tree.structure(params)
+  # Decoding with the stacked cache (cache_offset=1) = flix's unscanned.
+  decodes, _ = jax.jit(scanned.predict_batch_with_aux)(params, batch)
+  tokens, _ = flix.predict_batch(params, batch, 8, method="beam", beam_size=2)
+  np.testing.assert_array_equal(decodes, np.asarray(tokens)[:, 0])
+
+
 def test_decode_kwargs_errors():
   with pytest.raises(ValueError, match="Unknown decoding method"):
     t5x_model.decode_fn_of({"method": "nucleus"})
