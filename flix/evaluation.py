@@ -121,11 +121,15 @@ def evaluate_tasks(
     max_examples_per_task: Optional[int] = None,
     decode_kwargs: Optional[Mapping[str, Any]] = None,
     vocabulary: Optional[seqio.Vocabulary] = None,
+    examples_cache: Optional[dict[Any, list[dict[str, Any]]]] = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """Decodes every task's split and computes its metrics per feature set.
 
   `vocabulary` is the model's (`vocabularies.vocabulary_for_checkpoint`):
   every task must tokenize with it; None uses each task's own.
+  `examples_cache`: a dict kept by a caller that evaluates many models on the
+  same tasks; the tokenized examples are built once (building the tf.data
+  pipeline of a task takes longer than decoding a few dozen examples).
 
   Returns:
     (result rows, prediction records with inputs/target/prediction/features).
@@ -133,11 +137,22 @@ def evaluate_tasks(
   rows, records, truncations = [], [], []
   for task_name in task_names:
     task = seqio.get_mixture_or_task(task_name)
-    with featurized.count_truncation() as truncation:
-      examples = input_pipeline.task_examples(
-          task_name, split, task_feature_lengths, max_examples_per_task
-      )
-    truncations.append((task_name, truncation))
+    key = (
+        task,  # Not its name: a re-registered task is another one.
+        split,
+        tuple(sorted(task_feature_lengths.items())),
+        max_examples_per_task,
+    )
+    if examples_cache is not None and key in examples_cache:
+      examples = examples_cache[key]  # Its truncations were reported then.
+    else:
+      with featurized.count_truncation() as truncation:
+        examples = input_pipeline.task_examples(
+            task_name, split, task_feature_lengths, max_examples_per_task
+        )
+      truncations.append((task_name, truncation))
+      if examples_cache is not None:
+        examples_cache[key] = examples
     if not examples:
       logging.warning("Task %s has no %s examples; skipped.", task_name, split)
       continue
@@ -228,20 +243,27 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def plot_heatmap(
-    rows: Sequence[Mapping[str, Any]], metric: str, path: str, title: str = ""
+    rows: Sequence[Mapping[str, Any]],
+    metric: str,
+    path: str,
+    title: str = "",
+    axes: Sequence[str] = ("task", "language"),
+    higher_is_better: bool = True,
 ) -> Optional[str]:
-  """Task x language heatmap of `metric`; zero-shot cells are hatched."""
+  """Heatmap of `metric`, feature `axes[0]` x `axes[1]`; zero-shot cells are
+  hatched. Brighter is better (`higher_is_better=False`: lower, e.g. CER)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+  row_axis, column_axis = axes
   cells = {
-      (r["features"].get("task"), r["features"].get("language")): r
+      (r["features"].get(row_axis), r["features"].get(column_axis)): r
       for r in rows
       if r["metric"] == metric
-      and "task" in r["features"]
-      and "language" in r["features"]
+      and row_axis in r["features"]
+      and column_axis in r["features"]
   }
   if not cells:
     return None
@@ -251,14 +273,16 @@ def plot_heatmap(
   for (t, l), row in cells.items():
     grid[tasks.index(t), languages.index(l)] = row["value"]
   fig, ax = plt.subplots(
-      figsize=(1.0 + 0.7 * len(languages), 1.2 + 0.5 * len(tasks))
+      figsize=(max(4.5, 1.0 + 0.7 * len(languages)), 1.6 + 0.5 * len(tasks))
   )
+  cmap = plt.get_cmap("viridis" if higher_is_better else "viridis_r")
   image = ax.imshow(
-      grid, cmap="viridis", vmin=0, vmax=max(100.0, float(np.nanmax(grid)))
+      grid, cmap=cmap, vmin=0, vmax=max(100.0, float(np.nanmax(grid)))
   )
   for (t, l), row in cells.items():
     i, j = tasks.index(t), languages.index(l)
     zero_shot = row["seen_in_training"] is False
+    red, green, blue, _ = cmap(image.norm(row["value"]))
     ax.text(
         j,
         i,
@@ -266,7 +290,9 @@ def plot_heatmap(
         ha="center",
         va="center",
         fontsize=8,
-        color="white" if row["value"] < 50 else "black",
+        color="black"
+        if 0.3 * red + 0.6 * green + 0.1 * blue > 0.5
+        else "white",
     )
     if zero_shot:
       ax.add_patch(

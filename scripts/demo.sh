@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The embedded default, offline on CPU: a tiny base model, then FLix on the
-# numbers mixture, evaluated supervised and zero-shot; then the FLix run grown
-# with a new language (Dutch), old and new pairs evaluated together.
+# The embedded default, offline on CPU: a small T5 base pre-trained on
+# spelled-out numbers, then FLix on the multitask x multilingual numbers
+# mixture, evaluated on the pairs it was trained on and on held-out
+# (zero-shot) pairs; then that FLix run grown with a new language (Dutch),
+# old and new pairs evaluated together. Ends with a summary.
 # Usage: bash scripts/demo.sh [OUTPUT_DIR]   (default /tmp/flix_demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +17,5 @@ python -m flix.train --gin_file=configs/demo.gin \
 python -m flix.train --gin_file=configs/demo_grow.gin \
   --gin.MODEL_DIR="\"$OUT/grow_nl\"" \
   --gin.GROW_FROM="\"$OUT/flix\""
-echo "Results: $OUT/flix/eval/results-validation-300.{json,txt,png}"
+python scripts/demo_summary.py "$OUT/flix/eval"
 echo "Grown with Dutch: $OUT/grow_nl/eval/results-validation-150.{json,txt,png}"

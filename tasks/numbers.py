@@ -31,7 +31,6 @@ Registered at import (see `register_numbers` for variants):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import re
@@ -40,10 +39,9 @@ from typing import Iterable, Optional, Sequence
 import num2words
 import numpy as np
 import seqio
-import tensorflow as tf
 
 from flix import featurized
-from flix_tasks import metrics
+from flix_tasks import combinations
 
 TASKS = ("cardinal", "ordinal", "year", "currency")
 # Latin, Cyrillic, Hebrew, Arabic and Japanese scripts; Germanic, Romance,
@@ -79,16 +77,6 @@ _SPLIT_SALT = 1
 _ORDER_SALT = 2
 
 VOCABULARY = seqio.ByteVocabulary()
-
-
-def output_features(
-    vocabulary: seqio.Vocabulary = VOCABULARY,
-) -> dict[str, seqio.Feature]:
-  """Inputs and targets in `vocabulary`, each ending with EOS."""
-  return {
-      name: seqio.Feature(vocabulary=vocabulary, add_eos=True)
-      for name in ("inputs", "targets")
-  }
 
 
 # ---- Numbers and their spelling ----
@@ -300,62 +288,8 @@ def examples(
   return tuple(out)
 
 
-def _dataset_fn(
-    split: str,
-    shuffle_files: bool = False,
-    seed: Optional[int] = None,
-    *,
-    task: str,
-    language: str,
-    sizes: dict[str, int],
-    max_number: int,
-) -> tf.data.Dataset:
-  del shuffle_files, seed  # Deterministic; the Task shuffles examples.
-  pairs = examples(task, language, split, sizes[split], max_number)
-  inputs = [p[0] for p in pairs]
-  targets = [p[1] for p in pairs]
-  return tf.data.Dataset.from_tensor_slices(
-      {
-          "inputs": tf.constant(inputs, tf.string, shape=[len(inputs)]),
-          "targets": tf.constant(targets, tf.string, shape=[len(targets)]),
-      }
-  )
-
-
-# ---- Registration ----
-
-
-@dataclasses.dataclass(frozen=True)
-class NumbersRegistration:
-  """What `register_numbers` registered.
-
-  Attributes:
-    pairs: every registered `(task, language)`.
-    held_out: the pairs left out of training (zero-shot).
-    task_names: `{(task, language): seqio task name}`.
-    train_mixture: name of the training mixture.
-    eval_mixture: name of the mixture of all pairs.
-    multilingual_mixtures: `{task: single-task training mixture name}`.
-    num_examples: `{(task, language): {split: examples}}`.
-    max_number: the numbers' range (see `value_range`).
-  """
-
-  pairs: tuple[tuple[str, str], ...]
-  held_out: tuple[tuple[str, str], ...]
-  task_names: dict[tuple[str, str], str]
-  train_mixture: str
-  eval_mixture: str
-  multilingual_mixtures: dict[str, str]
-  num_examples: dict[tuple[str, str], dict[str, int]]
-  max_number: int = DEFAULT_MAX_NUMBER
-
-  @property
-  def train_pairs(self) -> tuple[tuple[str, str], ...]:
-    return tuple(p for p in self.pairs if p not in self.held_out)
-
-
 def task_name(task: str, language: str, suffix: str = "") -> str:
-  return f"numbers_{task}_{language}{suffix}"
+  return f"numbers_{combinations.task_suffix((task, language))}{suffix}"
 
 
 def register_numbers(
@@ -367,7 +301,7 @@ def register_numbers(
     suffix: str = "",
     max_number: int = DEFAULT_MAX_NUMBER,
     vocabulary: seqio.Vocabulary = VOCABULARY,
-) -> NumbersRegistration:
+) -> combinations.Registration:
   """Registers the numbers tasks and mixtures (replacing same-named ones).
 
   Args:
@@ -384,7 +318,7 @@ def register_numbers(
       uses `numbers_vocabulary.sentencepiece_vocabulary`).
 
   Returns:
-    A `NumbersRegistration` describing what was registered.
+    A `combinations.Registration` describing what was registered.
   """
   languages, tasks = tuple(languages), tuple(tasks)
   unknown_tasks = [t for t in tasks if t not in TASKS]
@@ -430,62 +364,26 @@ def register_numbers(
           "numbers: held-out language %r has no training pair.", language
       )
 
-  metric_fns = metrics.DEFAULT_METRIC_FNS
-  features = output_features(vocabulary)
-  names, counts = {}, {}
-  for task, language in pairs:
-    sizes = {
-        split: min(
-            train_size if split == "train" else eval_size,
-            len(split_values(task, split, max_number)),
-        )
-        for split in SPLITS
-    }
-    name = task_name(task, language, suffix)
-    source = seqio.FunctionDataSource(
-        dataset_fn=functools.partial(
-            _dataset_fn,
-            task=task,
-            language=language,
-            sizes=sizes,
-            max_number=max_number,
-        ),
-        splits=SPLITS,
-        num_input_examples=sizes,
-    )
-    featurized.add_task(
-        name,
-        source=source,
-        preprocessors=featurized.text_preprocessors(),
-        output_features=features,
-        metric_fns=metric_fns,
-        features={"task": task, "language": language},
-    )
-    names[(task, language)] = name
-    counts[(task, language)] = sizes
-
-  def _rated(selected):
-    return [(names[p], counts[p]["train"]) for p in selected]
-
-  train_mixture = f"numbers_multitask{suffix}"
-  eval_mixture = f"numbers_multitask_eval{suffix}"
-  featurized.add_mixture(train_mixture, _rated(train_pairs))
-  featurized.add_mixture(eval_mixture, _rated(pairs))
-  multilingual = {}
-  for task in tasks:
-    task_pairs = [p for p in train_pairs if p[0] == task]
-    if task_pairs:
-      multilingual[task] = f"numbers_multilingual_{task}{suffix}"
-      featurized.add_mixture(multilingual[task], _rated(task_pairs))
-  return NumbersRegistration(
-      pairs=pairs,
+  sizes = {
+      pair: {
+          split: min(
+              train_size if split == "train" else eval_size,
+              len(split_values(pair[0], split, max_number)),
+          )
+          for split in SPLITS
+      }
+      for pair in pairs
+  }
+  return combinations.register(
+      "numbers",
+      ("task", "language"),
+      sizes,
+      lambda pair, split: examples(
+          *pair, split, sizes[pair][split], max_number
+      ),
       held_out=held,
-      task_names=names,
-      train_mixture=train_mixture,
-      eval_mixture=eval_mixture,
-      multilingual_mixtures=multilingual,
-      num_examples=counts,
-      max_number=max_number,
+      vocabulary=vocabulary,
+      suffix=suffix,
   )
 
 
@@ -493,35 +391,50 @@ DEFAULT = register_numbers()
 
 # The demo's grow step (README "Grow a trained model"): Dutch, which the demo
 # model never saw, in every task but one held out (a new language with an old
-# task, zero-shot); `numbers_multitask_nl` trains it. Old and new pairs
-# together: `numbers_multitask_with_nl` (retraining from scratch) and
-# `numbers_multitask_eval_with_nl` (evaluation).
+# task, zero-shot).
 GROW_LANGUAGE = "nl"
 GROW_HELD_OUT = (("ordinal", GROW_LANGUAGE),)
-# Registered without a held-out pair (whose task would have no training pair
-# of this language only, a warning); the training mixture is replaced below.
-GROWN = register_numbers(
-    languages=(GROW_LANGUAGE,), held_out=(), suffix=f"_{GROW_LANGUAGE}"
-)
 
 
-def _rated_pairs(*selected: tuple[NumbersRegistration, Iterable]):
-  return [
-      (registration.task_names[p], registration.num_examples[p]["train"])
-      for registration, pairs in selected
-      for p in pairs
-  ]
+def register_grown(
+    base: combinations.Registration, suffix: str = "", **kwargs
+) -> combinations.Registration:
+  """Registers `GROW_LANGUAGE`'s tasks next to `base`'s, and the mixtures.
+
+  `numbers_multitask_nl<suffix>` trains the new language (its held-out pair
+  excluded); old and new pairs together: `numbers_multitask_with_nl<suffix>`
+  (retraining from scratch) and `numbers_multitask_eval_with_nl<suffix>`
+  (evaluation). `kwargs` go to `register_numbers` (use `base`'s
+  `max_number` and `vocabulary`).
+  """
+  # Registered without a held-out pair (whose task would have no training
+  # pair of this language only, a warning); its training mixture is
+  # replaced below.
+  grown = register_numbers(
+      languages=(GROW_LANGUAGE,),
+      held_out=(),
+      suffix=f"_{GROW_LANGUAGE}{suffix}",
+      **kwargs,
+  )
+  train_pairs = [p for p in grown.pairs if p not in GROW_HELD_OUT]
+
+  def rated(*selected):
+    return [
+        (registration.task_names[p], registration.num_examples[p]["train"])
+        for registration, pairs in selected
+        for p in pairs
+    ]
+
+  featurized.add_mixture(grown.train_mixture, rated((grown, train_pairs)))
+  featurized.add_mixture(
+      f"numbers_multitask_with_{GROW_LANGUAGE}{suffix}",
+      rated((base, base.train_pairs), (grown, train_pairs)),
+  )
+  featurized.add_mixture(
+      f"numbers_multitask_eval_with_{GROW_LANGUAGE}{suffix}",
+      rated((base, base.pairs), (grown, grown.pairs)),
+  )
+  return grown
 
 
-_GROW_TRAIN_PAIRS = [p for p in GROWN.pairs if p not in GROW_HELD_OUT]
-featurized.add_mixture(
-    GROWN.train_mixture, _rated_pairs((GROWN, _GROW_TRAIN_PAIRS))
-)
-featurized.add_mixture(
-    f"numbers_multitask_with_{GROW_LANGUAGE}",
-    _rated_pairs((DEFAULT, DEFAULT.train_pairs), (GROWN, _GROW_TRAIN_PAIRS)),
-)
-featurized.add_mixture(
-    f"numbers_multitask_eval_with_{GROW_LANGUAGE}",
-    _rated_pairs((DEFAULT, DEFAULT.pairs), (GROWN, GROWN.pairs)),
-)
+GROWN = register_grown(DEFAULT)

@@ -175,7 +175,7 @@ def test_standalone_eval(trained):
       f'--gin.CHECKPOINT_PATH="{trained["flix"]}"',
       f'--gin.EVAL_OUTPUT_DIR="{out}"',
       "--gin.EVALUATOR_NUM_EXAMPLES=1",
-      "--gin.MIXTURE_OR_TASK_NAME='numbers_ordinal_fr'",
+      "--gin.MIXTURE_OR_TASK_NAME='numbers_ordinal_fr_demo'",
       "--gin.EVAL_SPLIT='test'",
   )
   rows = json.load(open(os.path.join(out, "results-test-6.json")))

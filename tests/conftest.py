@@ -1,14 +1,22 @@
 """Shared test set-up: quiet TensorFlow, CPU only, repo paths."""
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# flix_tasks.numbers_demo trains its vocabulary into $FLIX_CACHE_DIR (default
+# ~/.cache/flix): tests, and the commands they run, keep it in a temporary one.
+if "FLIX_CACHE_DIR" not in os.environ:
+  os.environ["FLIX_CACHE_DIR"] = tempfile.mkdtemp(prefix="flix_test_cache_")
+  atexit.register(shutil.rmtree, os.environ["FLIX_CACHE_DIR"], True)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = REPO.parent / "shared" / "testdata"

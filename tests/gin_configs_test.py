@@ -68,14 +68,17 @@ CASES = [
             p.stem in ("base", "flix"),
         )
         for p in sorted((CONFIG_DIR / "reproduce").glob("*.gin"))
-        if p.stem not in ("common", "model", "smoke")
+        if p.stem not in ("common", "model", "smoke", "gpu")
     ],
-    (
-        "reproduce_smoke",
-        ["configs/reproduce/flix.gin", "configs/reproduce/smoke.gin"],
-        "train",
-        False,
-    ),
+    *[  # The presets, appended to every stage by scripts/reproduce.py.
+        (
+            f"reproduce_{preset}",
+            ["configs/reproduce/flix.gin", f"configs/reproduce/{preset}.gin"],
+            "train",
+            False,
+        )
+        for preset in ("smoke", "gpu")
+    ],
     ("demo_eval", ["configs/demo_eval.gin"], "eval", False),
     ("flix_mt5_xl_eval", ["configs/flix_mt5_xl_eval.gin"], "eval", True),
     ("demo_infer", ["configs/demo_infer.gin"], "infer", False),
@@ -147,7 +150,7 @@ def _bindings(name: str, files, kind: str, data) -> list[str]:
   if name == "demo_grow":  # Grows the stand-in run (task values a, b).
     bindings.append(f"GROW_FROM = '{data['run']}'")
   if name == "demo_infer":  # Its INPUT_FILE is flix's only; T5X's needs a task.
-    bindings.append("MIXTURE_OR_TASK_NAME = 'numbers_ordinal_fr'")
+    bindings.append("MIXTURE_OR_TASK_NAME = 'numbers_ordinal_fr_demo'")
   if kind == "train":
     bindings += [f"MODEL_DIR = '{data['out']}'", "TRAIN_STEPS = 2"]
   else:

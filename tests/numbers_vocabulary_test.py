@@ -1,4 +1,5 @@
-"""The numbers' SentencePiece vocabulary and span corruption over it."""
+"""The numbers' SentencePiece vocabulary and span corruption over it
+(`flix_tasks.sentencepiece_trainer`, `span_corruption`, `numbers_*`)."""
 
 import os
 
@@ -8,6 +9,8 @@ import pytest
 from flix_tasks import numbers
 from flix_tasks import numbers_pretrain
 from flix_tasks import numbers_vocabulary
+from flix_tasks import span_corruption
+from flix_tasks import sentencepiece_trainer
 
 PAIRS = (("cardinal", "en"), ("cardinal", "fr"), ("ordinal", "de"))
 
@@ -55,7 +58,7 @@ def test_cached_model_is_reused_and_training_is_deterministic(tmp_path):
   assert os.stat(path).st_mtime_ns == stamp
   texts = numbers_vocabulary.training_texts(PAIRS[:1], 200, 1000)
   with open(path, "rb") as f:
-    assert numbers_vocabulary.train_sentencepiece(texts, 60) == f.read()
+    assert sentencepiece_trainer.train_sentencepiece(texts, 60) == f.read()
   other = numbers_vocabulary.sentencepiece_vocabulary(
       PAIRS[:1], str(tmp_path), vocab_size=50, size=200, max_number=1000
   )
@@ -68,14 +71,12 @@ def test_span_corruption_hides_spans_behind_sentinels(vocabulary, prefix):
   size = vocabulary.vocab_size
   for _, text in numbers.examples("cardinal", "fr", "train", 20, 1000):
     tokens = vocabulary.encode(text)
-    inputs, targets = numbers_pretrain.corrupt(
-        tokens, rng, prefix=prefix, vocab_size=size
-    )
+    inputs, targets = span_corruption.corrupt(tokens, rng, size, prefix=prefix)
     sentinels = [t for t in inputs if t >= size - 10]
     assert sentinels == [
-        numbers_pretrain.sentinel(i, size) for i in range(len(sentinels))
+        span_corruption.sentinel(i, size) for i in range(len(sentinels))
     ]
-    assert targets[-1] == numbers_pretrain.sentinel(len(sentinels), size)
+    assert targets[-1] == span_corruption.sentinel(len(sentinels), size)
     # Filling each sentinel with its span gives the text back.
     spans, current = {}, None
     for t in targets[:-1]:
@@ -97,16 +98,12 @@ def test_digit_texts_hide_the_whole_spelling_in_prefix_mode(vocabulary):
   with_digits = [t for t in texts if t[0]]
   assert 0.3 < len(with_digits) / len(texts) < 0.7
   digits, spelling = with_digits[0]
-  tokens, cut = numbers_pretrain.tokenize(digits, spelling, vocabulary)
+  tokens, cut = span_corruption.tokenize(digits, spelling, vocabulary)
   assert vocabulary.decode(tokens[:cut]) == digits
   size = vocabulary.vocab_size
-  inputs, targets = numbers_pretrain.corrupt(
-      tokens,
-      np.random.default_rng(0),
-      prefix=True,
-      vocab_size=size,
-      prefix_cut=cut,
+  inputs, targets = span_corruption.corrupt(
+      tokens, np.random.default_rng(0), size, prefix=True, prefix_cut=cut
   )
-  sentinel = numbers_pretrain.sentinel(0, size)
+  sentinel = span_corruption.sentinel(0, size)
   assert inputs == [*tokens[:cut], sentinel]
   assert vocabulary.decode(targets[1:-1]).strip() == spelling
