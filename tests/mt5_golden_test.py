@@ -25,7 +25,7 @@ import pytest
 import seqio
 
 import conftest
-from flix_tasks import numbers_vocabulary
+from flix_tasks import sentencepiece_trainer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -168,7 +168,7 @@ def golden(tmp_path_factory):
   texts = _write_xtreme_up(data)
   spm = os.path.join(root, "spm.model")
   with open(spm, "wb") as f:
-    f.write(numbers_vocabulary.train_sentencepiece(texts, 300))
+    f.write(sentencepiece_trainer.train_sentencepiece(texts, 300))
   pieces = seqio.SentencePieceVocabulary(spm).vocab_size
   vocab_size = pieces + 16 - pieces % 16 + 16  # padded rows, as in mT5
   hf_dir = os.path.join(root, "hf_mt5")

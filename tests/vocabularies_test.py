@@ -7,7 +7,7 @@ import pytest
 import seqio
 
 from flix import vocabularies
-from flix_tasks import numbers_vocabulary
+from flix_tasks import sentencepiece_trainer
 
 _TEXTS = [
     f"{word} {number} habari za asubuhi rafiki yangu"
@@ -19,7 +19,7 @@ _TEXTS = [
 @pytest.fixture(scope="module")
 def spm_path(tmp_path_factory):
   path = tmp_path_factory.mktemp("spm") / "test.model"
-  path.write_bytes(numbers_vocabulary.train_sentencepiece(_TEXTS, 120))
+  path.write_bytes(sentencepiece_trainer.train_sentencepiece(_TEXTS, 120))
   return str(path)
 
 
@@ -68,7 +68,7 @@ def test_a_changed_sentencepiece_file_is_an_error(spm_path, tmp_path):
   entry = vocabularies.record(
       seqio.SentencePieceVocabulary(spm_path), str(tmp_path / "run")
   )
-  other = numbers_vocabulary.train_sentencepiece(_TEXTS[::2], 100)
+  other = sentencepiece_trainer.train_sentencepiece(_TEXTS[::2], 100)
   with open(entry["file"], "wb") as f:
     f.write(other)
   source = str(tmp_path / "source.model")
