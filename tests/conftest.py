@@ -81,11 +81,11 @@ def t5x_shapes(*args, **kwargs) -> dict:
   return {path: shape for path, (shape, _) in t5x_tree(*args, **kwargs).items()}
 
 
-def run_module(module: str, *args: str, env=None) -> str:
-  """Runs `python -m module args` from the repository root; asserts it
-  succeeded and returns its output (stderr + stdout)."""
+def run_python(*args: str, env=None) -> str:
+  """Runs `python args` from the repository root; asserts it succeeded and
+  returns its output (stderr + stdout, stdout last)."""
   result = subprocess.run(
-      [sys.executable, "-m", module, *args],
+      [sys.executable, *args],
       cwd=REPO,
       env=dict(
           os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", **env or {}
@@ -96,6 +96,11 @@ def run_module(module: str, *args: str, env=None) -> str:
   )
   assert result.returncode == 0, result.stderr[-4000:]
   return result.stderr + result.stdout
+
+
+def run_module(module: str, *args: str, env=None) -> str:
+  """Runs `python -m module args` (`run_python`)."""
+  return run_python("-m", module, *args, env=env)
 
 
 # ---- XTREME-UP-format fixture data (every task folder, a few lines) ----

@@ -13,13 +13,13 @@ a registration nothing calls) fails.
 import dataclasses
 import json
 import pathlib
-import subprocess
 import sys
 
 import gin
 import jax
 import pytest
 from conftest import REPO
+from conftest import run_python
 from conftest import _seqio_test_spm
 from conftest import write_xtreme_up
 
@@ -435,15 +435,8 @@ for files, kind in cases:
 assert 't5x.models' not in sys.modules and 'flix.t5x_model' not in sys.modules
 print('parsed', len(cases))
 """
-  result = subprocess.run(
-      [sys.executable, "-c", script],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"parsed {len(CASES)}" in result.stdout
+  output = run_python("-c", script)
+  assert f"parsed {len(CASES)}" in output.splitlines()[-1]
   text = "\n".join(p.read_text() for p in CONFIG_DIR.rglob("*.gin"))
   for selector in gin_utils.T5X_ONLY_SELECTORS:
     assert selector in text, f"{selector} is listed but bound nowhere"

@@ -9,6 +9,8 @@ and say so when skipping.
 import pathlib
 import re
 
+from conftest import run_python
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _TEXT_SUFFIXES = {".py", ".md", ".gin", ".sh", ".toml", ".ini", ".cfg", ".txt"}
 _SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache"}
@@ -71,8 +73,6 @@ def test_cited_docs_exist():
 def test_importing_flix_never_imports_t5x():
   """T5X is optional: only the plug-in modules (`t5x_model`, `t5x_driver`)
   import it, and nothing else imports them."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
 
   modules = sorted(
       f"flix.{p.stem}"
@@ -84,12 +84,5 @@ def test_importing_flix_never_imports_t5x():
       f"for m in {modules!r}: importlib.import_module(m)\n"
       "print(sorted(m for m in sys.modules if m.split('.')[0] == 't5x'))\n"
   )
-  result = subprocess.run(
-      [sys.executable, "-c", script],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().splitlines()[-1] == "[]"
+  output = run_python("-c", script)
+  assert output.strip().splitlines()[-1] == "[]"
