@@ -422,6 +422,23 @@ def plot_heatmaps(results: Mapping[str, Any], output_dir: str) -> list[str]:
   return paths
 
 
+def _seed_bars(ax, x, values, width: float, **bar_kwargs) -> None:
+  """Bars of the seeds' mean with std error bars, each seed as a dot.
+
+  `values`: per bar, a summary with `mean`, `std` and `per_seed`.
+  """
+  ax.bar(
+      x,
+      [s["mean"] for s in values],
+      width,
+      yerr=[s["std"] for s in values],
+      capsize=3,
+      **bar_kwargs,
+  )
+  for xi, s in zip(x, values):
+    ax.plot([xi] * len(s["per_seed"]), s["per_seed"], "k.", markersize=3)
+
+
 def plot_bars(results: Mapping[str, Any], path: str) -> None:
   """EM and CER per method, supervised vs zero-shot, seeds as dots."""
   plt = _plt()
@@ -439,17 +456,14 @@ def plot_bars(results: Mapping[str, Any], path: str) -> None:
         (0.2, "zero_shot", "tab:orange"),
     ):
       values = [results["methods"][n][subset][metric] for n in names]
-      ax.bar(
+      _seed_bars(
+          ax,
           x + offset,
-          [s["mean"] for s in values],
+          values,
           0.4,
-          yerr=[s["std"] for s in values],
-          capsize=3,
           color=color,
           label=subset.replace("_", "-"),
       )
-      for xi, s in zip(x + offset, values):
-        ax.plot([xi] * len(s["per_seed"]), s["per_seed"], "k.", markersize=3)
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -483,16 +497,13 @@ def plot_figure2(results: Mapping[str, Any], path: str) -> None:
     for i, method in enumerate(methods):
       values = [fig2[method][t][key] for t in tasks]
       offset = (i - (len(methods) - 1) / 2) * width
-      ax.bar(
+      _seed_bars(
+          ax,
           x + offset,
-          [s["mean"] for s in values],
+          values,
           width,
-          yerr=[s["std"] for s in values],
-          capsize=3,
           label=results["methods"][method]["label"],
       )
-      for xi, s in zip(x + offset, values):
-        ax.plot([xi] * len(s["per_seed"]), s["per_seed"], "k.", markersize=3)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, [t if t != "all" else "mean" for t in tasks])
     ax.set_ylabel(ylabel, fontsize=9)
