@@ -350,6 +350,15 @@ def _is_t5x_step(path: str) -> bool:
   )
 
 
+def is_t5x_checkpoint(path: str) -> bool:
+  """Whether `path` is one T5X checkpoint step directory (what T5X's
+  `RestoreCheckpointConfig(mode='specific')` restores); remote paths are
+  judged by their name (`checkpoint_<step>`)."""
+  if "://" in path:
+    return bool(_T5X_STEP_DIR.match(os.path.basename(path.rstrip("/"))))
+  return os.path.isdir(path) and _is_t5x_step(path)
+
+
 def _is_hf(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "config.json"))
 

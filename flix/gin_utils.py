@@ -50,6 +50,7 @@ T5X_ONLY_SELECTORS = (
     # flix's T5X plug-in (imports t5x).
     "t5x_model.FlixEncoderDecoderModel",
     "t5x_driver.FeaturizedResultsLogger",
+    "t5x_driver.base_checkpoint",
     "t5x_driver.checkpoint_to_restore",
     "t5x_driver.fresh_params_assignment_map",
     "t5x_driver.summarize_run",

@@ -31,6 +31,7 @@ records where it grew from (`grown_from`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Mapping, Optional
@@ -253,16 +254,28 @@ class Growth:
   ) -> optax.GradientTransformation:
     return freeze_rows(optimizer, self.frozen_values)
 
-  def start(self, trainable: PyTree) -> PyTree:
-    """`trainable` (fresh grown adapters, on device) with the saved run's
-    adapters in the old values' rows; rank columns past the saved R zero."""
+  @functools.cached_property
+  def saved_adapters(self) -> dict[str, np.ndarray]:
+    """The saved run's adapter leaves by '/'-joined path (per layer)."""
     saved, _ = checkpoints.read_flix_checkpoint(self.path)
-    saved = {
-        name: value
+    return {
+        name: np.asarray(value)
         for name, value in traverse_util.flatten_dict(saved, sep="/").items()
         if layers.ADAPTER_LEAF_RE.match(name.rsplit("/", 1)[-1])
     }
-    flat = traverse_util.flatten_dict(trainable, sep="/")
+
+  def start(self, params: PyTree) -> PyTree:
+    """`params` (fresh grown adapters, and any other leaves) with the saved
+    run's adapters in the old values' rows; rank columns past the saved R
+    zero. Traceable (T5X's initialization jits it); concrete arrays keep
+    their sharding.
+
+    Raises:
+      GrowMismatchError: the saved run has adapters `params` lacks, or one
+        that does not fit in its grown leaf.
+    """
+    saved = self.saved_adapters
+    flat = traverse_util.flatten_dict(params, sep="/")
     missing = sorted(set(saved) - set(flat))
     if missing:
       raise GrowMismatchError(
@@ -270,23 +283,37 @@ class Growth:
           f"({', '.join(missing[:3])}); check the model gin (adapter "
           "targets) against the original run's config.gin."
       )
-    out = {}
-    for name, leaf in flat.items():
-      if name not in saved:
-        out[name] = leaf
-        continue
-      old, grown = saved[name], np.array(leaf)
-      if old.ndim != grown.ndim or any(
-          o > g for o, g in zip(old.shape, grown.shape)
+    out = dict(flat)
+    for name, old in saved.items():
+      leaf = flat[name]
+      if old.ndim != leaf.ndim or any(
+          o > g for o, g in zip(old.shape, leaf.shape)
       ):
         raise GrowMismatchError(
             f"GROW_FROM {self.path}: {name} {old.shape} does not fit in the "
-            f"grown {grown.shape}."
+            f"grown {leaf.shape}."
         )
-      grown[: old.shape[0]] = 0.0
-      grown[tuple(slice(0, s) for s in old.shape)] = old
-      out[name] = jax.device_put(grown.astype(leaf.dtype), leaf.sharding)
+      grown = (
+          jnp.asarray(leaf)
+          .at[: old.shape[0]]
+          .set(0)
+          .at[tuple(slice(0, s) for s in old.shape)]
+          .set(jnp.asarray(old, leaf.dtype))
+      )
+      if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+        grown = jax.device_put(grown, leaf.sharding)
+      out[name] = grown
     return traverse_util.unflatten_dict(out, sep="/")
+
+  def check_model_dir(self, model_dir: str) -> None:
+    """Raises unless `model_dir` (the grow run's) is outside the saved run."""
+    if os.path.commonpath([self.path, _absolute(model_dir)]) == _absolute(
+        model_dir
+    ):
+      raise ValueError(
+          f"GROW_FROM {self.path} is in MODEL_DIR {model_dir}: a grow run "
+          "writes a new run; give it another MODEL_DIR."
+      )
 
   def record(self) -> dict[str, Any]:
     """The grow run's meta entry `grown_from`."""

@@ -12,10 +12,16 @@ is `flix.t5x_model`); only T5X's sections of `configs/runs/*.gin` use it:
   task_vocabulary             the model's vocabulary: the task's (T5X checks
                               they are equal), and the run's recorded one
                               when evaluating (`flix.vocabularies`).
+  base_checkpoint             INITIAL_CHECKPOINT_PATH as T5X restores it; a
+                              grow run's (GROW_FROM, `flix.grow`) defaults to
+                              its original's base and is checked here,
+                              before T5X restores or writes anything.
   fresh_params_assignment_map the `assignment_map` restoring the base from
                               INITIAL_CHECKPOINT_PATH (a public T5X mT5
                               checkpoint): adapters, optimizer state and the
-                              step start fresh.
+                              step start fresh (a grow run's adapters start
+                              as the model initializes them: its original's
+                              in the old values' rows).
   checkpoint_to_restore       CHECKPOINT_PATH (a MODEL_DIR or one
                               `checkpoint_<step>` directory) -> the step
                               directory T5X restores.
@@ -41,10 +47,33 @@ from flix import checkpoints
 from flix import evaluation
 from flix import features as features_lib
 from flix import featurized
+from flix import grow
 from flix import layers
 from flix import models
 from flix import train_step
 from flix import vocabularies
+
+
+def _meta(
+    model: models.FlixModel,
+    mixture_or_task_name: str,
+    trainable_patterns: train_step.TrainablePatterns,
+    initial_checkpoint_path: Optional[str],
+    random_seed: Optional[int],
+    model_dir: Optional[str] = None,
+) -> dict[str, Any]:
+  """The run's meta with its token vocabulary's record."""
+  meta = checkpoints.run_meta(
+      model,
+      trainable_patterns,
+      initial_checkpoint_path,
+      random_seed,
+      mixture_or_task_name,
+  )
+  vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
+  vocabularies.check_fits(vocabulary, model.config.vocab_size)
+  meta[vocabularies.META_KEY] = vocabularies.record(vocabulary, model_dir)
+  return meta
 
 
 def summarize_run(
@@ -57,8 +86,10 @@ def summarize_run(
     trainable_patterns: train_step.TrainablePatterns = "adapters",
     initial_checkpoint_path: Optional[str] = None,
     random_seed: Optional[int] = None,
+    grow_from: Optional[str] = None,
 ) -> None:
-  """T5X's config summary plus the flix run info in MODEL_DIR.
+  """T5X's config summary plus the flix run info in MODEL_DIR (with where a
+  grow run grew from).
 
   A restart with another feature vocabulary than the one saved is an error
   (the adapters would map to the wrong features).
@@ -66,17 +97,75 @@ def summarize_run(
   t5x_gin_utils.summarize_gin_config(model_dir, summary_writer, step)
   if jax.process_index() != 0:
     return
-  meta = checkpoints.run_meta(
+  meta = _meta(
       model,
+      mixture_or_task_name,
       trainable_patterns,
       initial_checkpoint_path,
       random_seed,
-      mixture_or_task_name,
+      model_dir,
   )
-  vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
-  vocabularies.check_fits(vocabulary, model.config.vocab_size)
-  meta[vocabularies.META_KEY] = vocabularies.record(vocabulary, model_dir)
+  if grow_from:
+    meta[grow.META_KEY] = grow.Growth.load(grow_from).record()
   checkpoints.write_run_info(model_dir, meta)
+
+
+def base_checkpoint(
+    initial_checkpoint_path: Optional[str],
+    grow_from: Optional[str] = None,
+    *,
+    model_dir: Optional[str] = None,
+    model: Optional[models.FlixModel] = None,
+    mixture_or_task_name: Optional[str] = None,
+    trainable_patterns: train_step.TrainablePatterns = "adapters",
+    random_seed: Optional[int] = None,
+) -> Optional[str]:
+  """The base checkpoint T5X restores (`RestoreCheckpointConfig.path`).
+
+  `initial_checkpoint_path` itself, except for a grow run (`grow_from`,
+  GROW_FROM): its base defaults to the original run's, and the grow is
+  checked against the original (`grow.Growth.check`; the model, mixture,
+  trainable patterns and seed are the run's) when gin builds T5X's
+  checkpoint config, before T5X restores or writes anything.
+
+  Raises:
+    grow.GrowMismatchError: the grow run would change what its original
+      trained (another base, model, vocabulary, an old value's id), or
+      brings no new value.
+    ValueError: MODEL_DIR is inside GROW_FROM, or the original's base is
+      not a T5X checkpoint (T5X restores a grow run's base from one).
+  """
+  if not grow_from:
+    return initial_checkpoint_path
+  growth = grow.Growth.load(grow_from)
+  if model_dir:
+    growth.check_model_dir(model_dir)
+  base = growth.base_checkpoint(initial_checkpoint_path)
+  if not base or not checkpoints.is_t5x_checkpoint(base):
+    what = (
+        f"the base {base} is not a T5X checkpoint (a checkpoint_<step> "
+        "directory)"
+        if base
+        else "the original's base was randomly initialized (no "
+        "INITIAL_CHECKPOINT_PATH), which T5X's initialization would not "
+        "reproduce"
+    )
+    raise ValueError(
+        f"GROW_FROM {growth.path}: {what}; t5x.train restores a grow run's "
+        "base from a T5X checkpoint. Grow it with python -m flix.train, "
+        "which reads bases of every format."
+    )
+  if model is not None and mixture_or_task_name:
+    growth.check(
+        _meta(
+            model,
+            mixture_or_task_name,
+            trainable_patterns,
+            base,
+            random_seed,
+        )
+    )
+  return base
 
 
 def task_vocabulary(
@@ -99,26 +188,15 @@ def task_vocabulary(
 
 def fresh_params_assignment_map(
     feature_space: Optional[features_lib.FeatureSpace],
-    grow_from: Optional[str] = None,
 ) -> tuple[tuple[str, Optional[str]], ...]:
   """`RestoreCheckpointConfig.assignment_map` of INITIAL_CHECKPOINT_PATH.
 
   Base parameters load from the checkpoint (T5X's names are flix's); the
   adapters (if the model has any), the optimizer state and the step are not
-  in it and start fresh (`fallback_to_scratch`), so TRAIN_STEPS counts
-  fine-tuning steps under both drivers.
-
-  Raises:
-    ValueError: with `grow_from` (GROW_FROM): T5X's restore cannot place the
-      saved adapters into rows of the grown ones; `python -m flix.train`
-      grows runs of either driver.
+  in it and start as the model initializes them (`fallback_to_scratch`;
+  a grow run's model places its original's adapters in the old rows), so
+  TRAIN_STEPS counts fine-tuning steps under both drivers.
   """
-  if grow_from:
-    raise ValueError(
-        f"GROW_FROM={grow_from!r} is supported by python -m flix.train only "
-        "(it grows runs trained by either driver); t5x.train would start "
-        "every adapter fresh."
-    )
   fresh = [(r"state/.*", None)]
   if feature_space is not None:
     fresh.insert(0, (r"target/" + layers.ADAPTER_PATH_PATTERN, None))
@@ -147,6 +225,7 @@ class FeaturizedResultsLogger(seqio.Logger):
       training_mixture: Optional[str] = None,
       checkpoint_path: Optional[str] = None,
       split: str = "validation",
+      grow_from: Optional[str] = None,
   ):
     """Constructor.
 
@@ -156,16 +235,21 @@ class FeaturizedResultsLogger(seqio.Logger):
         pairs count as seen; default the run's (from `checkpoint_path`).
       checkpoint_path: the evaluated run, for its training mixture.
       split: the evaluated split (for file names).
+      grow_from: a grow run's original (GROW_FROM): the pairs its adapters
+        trained on count as seen too.
     """
     super().__init__(output_dir)
-    if training_mixture is None and checkpoint_path:
-      training_mixture = (
-          checkpoints.read_meta(checkpoint_path)
-          .get("data", {})
-          .get("mixture_or_task_name")
-      )
+    mixtures = [training_mixture] if training_mixture else []
+    if not mixtures and checkpoint_path:
+      mixtures = grow.training_mixtures(checkpoints.read_meta(checkpoint_path))
+    if grow_from:
+      mixtures += grow.training_mixtures(grow.Growth.load(grow_from).meta)
     self._seen = (
-        featurized.seen_pairs(training_mixture) if training_mixture else None
+        set().union(
+            *(featurized.seen_pairs(m) for m in dict.fromkeys(mixtures))
+        )
+        if mixtures
+        else None
     )
     self._split = split
     self._rows: dict[Optional[int], list[dict[str, Any]]] = (

@@ -26,6 +26,9 @@ partitioner, checkpoints, evaluator and decoding loops.
     `stop_gradient` in the loss) nor held in optimizer state
     (`TrainableSubsetOptimizer` keeps optax state for the trainable subset
     only).
+  - A grow run (`grow_from`, `flix.grow`) initializes its adapters with the
+    original run's in the old values' rows, and its optimizer never changes
+    those rows: only the new values' adapters train, as under flix.train.
 
 Importing this module imports t5x; nothing else in flix does.
 """
@@ -51,6 +54,7 @@ from t5x import optimizers as t5x_optimizers
 
 from flix import feature_converter
 from flix import features as features_lib
+from flix import grow
 from flix import layer_layout
 from flix import models
 from flix import train_step
@@ -186,6 +190,7 @@ class FlixEncoderDecoderModel(t5x_models.EncoderDecoderModel):
       trainable_patterns: train_step.TrainablePatterns = "adapters",
       decode_kwargs: Optional[Mapping[str, Any]] = None,
       output_vocabulary: Optional[seqio.Vocabulary] = None,
+      grow_from: Optional[str] = None,
   ):
     """Constructor.
 
@@ -198,8 +203,14 @@ class FlixEncoderDecoderModel(t5x_models.EncoderDecoderModel):
         '/'-joined param paths; everything else is frozen.
       decode_kwargs: flix's `DECODE_KWARGS` (see `decode_fn_of`).
       output_vocabulary: the targets vocabulary, default `vocabulary`.
+      grow_from: a trained FLix run this one grows (GROW_FROM, `flix.grow`):
+        initialization places its adapters in the old values' rows and the
+        optimizer never changes those rows (`grow.freeze_rows`).
     """
     space = flix_model.feature_space or features_lib.FeatureSpace(groups=())
+    self._growth = grow.Growth.load(grow_from) if grow_from else None
+    if self._growth is not None and optimizer is not None:
+      optimizer = self._growth.optimizer(optimizer)
     decode_fn, decoder_params = decode_fn_of(decode_kwargs)
     super().__init__(
         module=flix_model.module,
@@ -239,7 +250,10 @@ class FlixEncoderDecoderModel(t5x_models.EncoderDecoderModel):
     # them in each step): T5X's checkpoints, restore from public
     # checkpoints and assignment maps then see the public layout.
     boxed = layer_layout.unstack_layers(self.flix_model.init_boxed(rng))
-    return {"params": nn.unbox(boxed), "params_axes": params_axes(boxed)}
+    params = nn.unbox(boxed)
+    if self._growth is not None:
+      params = self._growth.start(params)
+    return {"params": params, "params_axes": params_axes(boxed)}
 
   def _stop_frozen_gradients(self, params: PyTree) -> PyTree:
     """`params` with `stop_gradient` on every non-trainable leaf."""

@@ -318,13 +318,7 @@ def train(
 
   growth = grow.Growth.load(grow_from) if grow_from else None
   if growth is not None:
-    if os.path.commonpath([growth.path, os.path.abspath(model_dir)]) == (
-        os.path.abspath(model_dir)
-    ):
-      raise ValueError(
-          f"GROW_FROM {growth.path} is in MODEL_DIR {model_dir}: a grow run "
-          "writes a new run; give it another MODEL_DIR."
-      )
+    growth.check_model_dir(model_dir)
     initial_checkpoint_path = growth.base_checkpoint(initial_checkpoint_path)
     optimizer = growth.optimizer(optimizer)
   vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)

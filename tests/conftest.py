@@ -21,6 +21,29 @@ if "FLIX_CACHE_DIR" not in os.environ:
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = REPO.parent / "shared" / "testdata"
 
+# Files whose module fixtures train through the CLI for minutes, slowest
+# first. README's `-n 2 --dist loadfile` runs each file on one worker (so
+# each fixture runs once); handing these out first lets the workers finish
+# together.
+SLOW_FILES = (
+    "t5x_test.py",
+    "cli_test.py",
+    "grow_test.py",
+    "kill_resume_test.py",
+    "reproduce_test.py",
+    "trainer_test.py",
+    "mt5_golden_test.py",
+    "aot_memory_test.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+  items.sort(key=rank)  # Stable: each file keeps its own order.
+
 
 def t5x_tree(
     vocab: int,
@@ -170,11 +193,12 @@ XTREME_UP_FILES = {
 }
 
 
-def write_xtreme_up(root) -> str:
-  """Writes XTREME-UP-format JSONL for every task: train (3 lines),
-  validation and test (2 lines each) per file. Returns the root."""
+def write_xtreme_up(root, files=None) -> str:
+  """Writes XTREME-UP-format JSONL for every task of `files` (default
+  `XTREME_UP_FILES`): train (3 lines), validation and test (2 lines each)
+  per file. Returns the root."""
   root = pathlib.Path(root)
-  for task, keys in XTREME_UP_FILES.items():
+  for task, keys in (files or XTREME_UP_FILES).items():
     for key in keys:
       for split, n in (("train", 3), ("validation", 2), ("test", 2)):
         path = root / task / split / f"{key}.jsonl"

@@ -403,15 +403,22 @@ def test_grow_run_without_new_values_or_into_its_source_is_an_error(
     grow.Growth.load(str(tmp_path / "missing"))
 
 
-def test_t5x_driver_refuses_to_grow():
+def test_t5x_driver_grows_only_from_a_t5x_base(runs):
+  """t5x.train's grow checks (tests/t5x_test.py grows a T5X run): the
+  original's random base cannot be restored by T5X; without GROW_FROM the
+  base is INITIAL_CHECKPOINT_PATH as given."""
   pytest.importorskip("t5x")
   from flix import t5x_driver  # pylint: disable=g-import-not-at-top
 
-  with pytest.raises(ValueError, match="python -m flix.train only"):
-    t5x_driver.fresh_params_assignment_map(
-        features_lib.FeatureSpace.lora(), grow_from="/run"
+  with pytest.raises(ValueError, match="base was randomly initialized"):
+    t5x_driver.base_checkpoint(None, grow_from=runs["original"])
+  with pytest.raises(ValueError, match="another MODEL_DIR"):
+    t5x_driver.base_checkpoint(
+        None, grow_from=runs["original"], model_dir=runs["original"]
     )
-  assert t5x_driver.fresh_params_assignment_map(None, grow_from=None)
+  assert t5x_driver.base_checkpoint("/base/checkpoint_7") == (
+      "/base/checkpoint_7"
+  )
 
 
 @pytest.mark.parametrize(

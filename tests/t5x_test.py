@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 from conftest import _seqio_test_spm
+from conftest import XTREME_UP_FILES
 from conftest import write_xtreme_up
 from flax import traverse_util
 
@@ -522,3 +523,135 @@ def test_flix_export_reads_the_t5x_run(evaluated):
   )
   assert config["peft_type"] == "LORA" and config["r"] > 0
   assert (evaluated / "peft_ner_yo" / "adapter_model.safetensors").is_file()
+
+
+# ---- Growing the run with a new language under t5x.train (flix.grow) ----
+
+
+@pytest.fixture(scope="module")
+def grown(run):
+  """`t5x.train` with GROW_FROM = the run, trained on the new language's
+  data only (Zulu semantic parsing; XTREME-UP data that adds Zulu NER too,
+  held out: a new language with an old task), evaluated in training on old
+  and new pairs."""
+  root = run["root"]
+  data = write_xtreme_up(
+      root / "xtreme_up_zu",
+      {
+          **XTREME_UP_FILES,
+          "ner": ("sw", "yo", "zu"),
+          "semantic_parsing": ("sw", "yo", "zu"),
+      },
+  )
+  common = [
+      "--gin_file=configs/flix_mt5_xl.gin",
+      "--gin_file=configs/models/tiny.gin",
+      f'--gin.XTREME_UP_DIR="{data}"',
+      f'--gin.SPM_PATH="{_seqio_test_spm()}"',
+      "--gin_file=configs/data/xtreme_up_zero_shot.gin",
+      "--gin.XTREME_UP_HOLDOUT=[('ner', 'yo'), ('ner', 'zu')]",
+      '--gin.xtreme_up.mixture.name="xtreme_up_semantic_parsing_zu_mt5"',
+      f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+      f'--gin.GROW_FROM="{run["model_dir"]}"',
+      "--gin.TRAIN_STEPS=4",
+      "--gin.BATCH_SIZE=4",
+      "--gin.NUM_PARTITIONS=2",
+      "--gin.EVAL_BATCH_SIZE=4",
+  ]
+  model_dir = root / "grown"
+  log = _run(
+      "t5x.train",
+      *common,
+      f'--gin.MODEL_DIR="{model_dir}"',
+      f'--gin.INITIAL_CHECKPOINT_PATH="{run["base"]}"',
+      "--gin.CHECKPOINT_PERIOD=4",
+      "--gin.EVAL_PERIOD=4",
+      "--gin.LEARNING_RATE=0.05",
+  )
+  # On another base: refused before T5X restores or writes anything.
+  other_base = root / "other_base" / "checkpoint_1"
+  t5x_checkpoint.write_t5x_checkpoint(run["base_params"], str(other_base))
+  other_dir = root / "grown_other_base"
+  refused = subprocess.run(
+      _command(
+          "t5x.train",
+          *common,
+          f'--gin.MODEL_DIR="{other_dir}"',
+          f'--gin.INITIAL_CHECKPOINT_PATH="{other_base}"',
+      ),
+      cwd=REPO,
+      env=_ENV,
+      capture_output=True,
+      text=True,
+      timeout=1200,
+  )
+  return {
+      "model_dir": model_dir,
+      "log": log,
+      "refused": refused,
+      "refused_dir": other_dir,
+  }
+
+
+def test_t5x_grow_trains_only_the_new_language(run, grown):
+  original = traverse_util.flatten_dict(
+      t5x_checkpoint.read_t5x_checkpoint(
+          str(run["model_dir"] / "checkpoint_4")
+      ),
+      sep="/",
+  )
+  after = traverse_util.flatten_dict(
+      t5x_checkpoint.read_t5x_checkpoint(
+          str(grown["model_dir"] / "checkpoint_4")
+      ),
+      sep="/",
+  )
+  meta = checkpoints.read_meta(str(grown["model_dir"]))
+  groups = {g["name"]: g["values"] for g in meta["feature_space"]["groups"]}
+  assert groups["language"] == ["hi", "sw", "yo", "zu"]  # Old ids kept.
+  assert meta["grown_from"]["checkpoint"] == str(run["model_dir"])
+  assert meta["base"]["initial_checkpoint"] == run["base"]
+  for name, value in traverse_util.flatten_dict(
+      run["base_params"], sep="/"
+  ).items():
+    np.testing.assert_array_equal(after[name], value, err_msg=name)
+  new_rows = []
+  for name, old in original.items():
+    if not layers.ADAPTER_LEAF_RE.match(name.split("/")[-1]):
+      continue
+    grown_leaf = after[name]
+    old_part = grown_leaf[tuple(slice(0, s) for s in old.shape)]
+    # Bit-identical: the same bits, not only equal values.
+    np.testing.assert_array_equal(
+        old_part.view(np.uint32), old.view(np.uint32), err_msg=name
+    )
+    if "/lora_b_language" in name:
+      new_rows.append(grown_leaf[old.shape[0] :])
+  assert new_rows and any(np.any(r) for r in new_rows), "Zulu did not train"
+
+
+def test_t5x_grow_evaluates_old_and_new_pairs(grown):
+  rows = json.loads(
+      (
+          grown["model_dir"] / "inference_eval" / "results-validation-4.json"
+      ).read_text()
+  )
+  seen = {
+      (r["features"].get("task"), r["features"].get("language")): r[
+          "seen_in_training"
+      ]
+      for r in rows
+  }
+  assert seen[("ner", "zu")] is False  # New language, old task: zero-shot.
+  assert seen[("ner", "yo")] is False
+  assert seen[("semantic_parsing", "zu")] is True  # Grown on it.
+  assert seen[("ner", "sw")] is True  # The original trained it.
+
+
+def test_t5x_grow_on_another_base_is_an_error(grown):
+  assert grown["refused"].returncode != 0
+  message = grown["refused"].stderr
+  assert (
+      "GROW_FROM" in message and "base.initial_checkpoint" in message
+  ), message[-3000:]
+  assert not list(grown["refused_dir"].glob("checkpoint_*"))
