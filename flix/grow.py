@@ -55,6 +55,10 @@ class GrowMismatchError(ValueError):
   """A grow run would change what the run it grows from trained."""
 
 
+def _as_dtype(array: np.ndarray, dtype: Any) -> np.ndarray:
+  return np.asarray(array, dtype)
+
+
 def _absolute(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
@@ -293,14 +297,24 @@ class Growth:
             f"GROW_FROM {self.path}: {name} {old.shape} does not fit in the "
             f"grown {leaf.shape}."
         )
+      traced = isinstance(leaf, jax.core.Tracer)
+      if traced:
+        # A host callback, not a constant: the original's adapters (GBs at
+        # mT5-XL) stay out of the compiled program.
+        saved_leaf = jax.pure_callback(
+            functools.partial(_as_dtype, old, leaf.dtype),
+            jax.ShapeDtypeStruct(old.shape, leaf.dtype),
+        )
+      else:
+        saved_leaf = _as_dtype(old, leaf.dtype)
       grown = (
           jnp.asarray(leaf)
           .at[: old.shape[0]]
           .set(0)
           .at[tuple(slice(0, s) for s in old.shape)]
-          .set(jnp.asarray(old, leaf.dtype))
+          .set(saved_leaf)
       )
-      if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+      if isinstance(leaf, jax.Array) and not traced:
         grown = jax.device_put(grown, leaf.sharding)
       out[name] = grown
     return traverse_util.unflatten_dict(out, sep="/")

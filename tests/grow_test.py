@@ -504,3 +504,24 @@ def test_a_new_value_of_higher_rank_pads_the_old_rows_with_zeros(
     )
     assert not new[name][:-1, 4:].any()
     assert new[name][-1].any()  # Dutch trained (one step)
+
+
+def test_traced_start_reads_the_original_at_run_time(runs):
+  """Under jit (T5X's initialization) `Growth.start` fetches the original's
+  adapters by host callback: the same bits as the eager path, and no
+  constant of their size in the compiled program."""
+  growth = grow.Growth.load(runs["original"])
+  space = featurized.feature_space(
+      "numbers_multitask_nl", ranks=4, grow_from=runs["original"]
+  )
+  params = models.FlixModel(
+      network.preset("tiny", feature_space=space)
+  ).init_params(jax.random.PRNGKey(3))
+  eager = _flat(growth.start(params))
+  traced = jax.jit(growth.start)
+  for name, value in _flat(traced(params)).items():
+    np.testing.assert_array_equal(_bits(value), _bits(eager[name]), name)
+  saved = sum(a.nbytes for a in growth.saved_adapters.values())
+  program = traced.lower(params).as_text()
+  assert "callback" in program
+  assert len(program) < saved, (len(program), saved)
