@@ -149,6 +149,14 @@ class FlixModel:
       return layer_layout.stack_layers(
           unrolled.init_boxed(rng, input_length, target_length)
       )
+    return self.module_init(rng, input_length, target_length)
+
+  def module_init(
+      self, rng: Array, input_length: int = 8, target_length: int = 8
+  ) -> PyTree:
+    """The network module's own boxed params (`nn.scan`'s stacked tree when
+    it scans its layers; `init_boxed` initializes scanned networks
+    unrolled instead)."""
     batch = self.dummy_batch(1, input_length, target_length)
     return self.module.init(
         rng,

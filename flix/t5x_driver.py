@@ -54,28 +54,6 @@ from flix import train_step
 from flix import vocabularies
 
 
-def _meta(
-    model: models.FlixModel,
-    mixture_or_task_name: str,
-    trainable_patterns: train_step.TrainablePatterns,
-    initial_checkpoint_path: Optional[str],
-    random_seed: Optional[int],
-    model_dir: Optional[str] = None,
-) -> dict[str, Any]:
-  """The run's meta with its token vocabulary's record."""
-  meta = checkpoints.run_meta(
-      model,
-      trainable_patterns,
-      initial_checkpoint_path,
-      random_seed,
-      mixture_or_task_name,
-  )
-  vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
-  vocabularies.check_fits(vocabulary, model.config.vocab_size)
-  meta[vocabularies.META_KEY] = vocabularies.record(vocabulary, model_dir)
-  return meta
-
-
 def summarize_run(
     model_dir: str,
     summary_writer: Any,
@@ -97,7 +75,7 @@ def summarize_run(
   t5x_gin_utils.summarize_gin_config(model_dir, summary_writer, step)
   if jax.process_index() != 0:
     return
-  meta = _meta(
+  meta = vocabularies.run_meta(
       model,
       mixture_or_task_name,
       trainable_patterns,
@@ -157,7 +135,7 @@ def base_checkpoint(
     )
   if model is not None and mixture_or_task_name:
     growth.check(
-        _meta(
+        vocabularies.run_meta(
             model,
             mixture_or_task_name,
             trainable_patterns,

@@ -321,14 +321,13 @@ def train(
     growth.check_model_dir(model_dir)
     initial_checkpoint_path = growth.base_checkpoint(initial_checkpoint_path)
     optimizer = growth.optimizer(optimizer)
-  vocabulary = vocabularies.mixture_vocabulary(mixture_or_task_name)
-  vocabularies.check_fits(vocabulary, model.config.vocab_size)
-  described = {
-      **checkpoints.run_meta(
-          model, trainable_patterns, initial_checkpoint_path, random_seed
-      ),
-      vocabularies.META_KEY: vocabularies.record(vocabulary),
-  }
+  described = vocabularies.run_meta(
+      model,
+      mixture_or_task_name,
+      trainable_patterns,
+      initial_checkpoint_path,
+      random_seed,
+  )
   if growth is not None:
     growth.check(described)
   resume.create_model_dir(model_dir)
@@ -352,7 +351,9 @@ def train(
         num_partitions,
         num_microbatches,
     )
-    run.meta[vocabularies.META_KEY] = vocabularies.record(vocabulary, model_dir)
+    run.meta[vocabularies.META_KEY] = vocabularies.record(
+        vocabularies.mixture_vocabulary(mixture_or_task_name), model_dir
+    )
     if growth is not None:
       run.meta[grow.META_KEY] = growth.record()
       if resume_step is None:

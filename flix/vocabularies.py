@@ -142,6 +142,30 @@ def _load_sentencepiece(
   return vocabulary
 
 
+def run_meta(
+    model,
+    mixture_or_task_name: str,
+    trainable_patterns,
+    initial_checkpoint_path: Optional[str],
+    random_seed: Optional[int],
+    model_dir: Optional[str] = None,
+) -> dict:
+  """`checkpoints.run_meta` of a run on `mixture_or_task_name`, with the
+  record of the mixture's vocabulary (which must fit the model's embedding,
+  `check_fits`); `model_dir` as in `record`."""
+  vocabulary = mixture_vocabulary(mixture_or_task_name)
+  check_fits(vocabulary, model.config.vocab_size)
+  meta = checkpoints.run_meta(
+      model,
+      trainable_patterns,
+      initial_checkpoint_path,
+      random_seed,
+      mixture_or_task_name,
+  )
+  meta[META_KEY] = record(vocabulary, model_dir)
+  return meta
+
+
 def record(
     vocabulary: seqio.Vocabulary, model_dir: Optional[str] = None
 ) -> Optional[dict]:

@@ -386,6 +386,14 @@ def _plt():
   return plt
 
 
+def _save(fig, path: str, title: str) -> None:
+  """Titles, lays out, writes and closes a figure."""
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  _plt().close(fig)
+
+
 def plot_heatmaps(results: Mapping[str, Any], output_dir: str) -> list[str]:
   """`heatmap_<method>_{em,cer}.png`: per pair, mean over seeds."""
   from flix import evaluation  # pylint: disable=g-import-not-at-top
@@ -468,14 +476,12 @@ def plot_bars(results: Mapping[str, Any], path: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-  fig.suptitle(
+  _save(
+      fig,
+      path,
       f"Supervised vs zero-shot pairs ({results['split']} split; bars: mean "
       "over seeds, error bars: std, dots: seeds)",
-      fontsize=10,
   )
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_figure2(results: Mapping[str, Any], path: str) -> None:
@@ -509,14 +515,12 @@ def plot_figure2(results: Mapping[str, Any], path: str) -> None:
     ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-  fig.suptitle(
+  _save(
+      fig,
+      path,
       f"Figure 2: multitask vs single-{first} training, on each {first}'s "
       "supervised pairs (mean ± std over seeds; dots: seeds)",
-      fontsize=10,
   )
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def write_all(results: Mapping[str, Any], output_dir: str) -> None:

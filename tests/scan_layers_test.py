@@ -109,17 +109,7 @@ def _logits(cfg):
 
 def _scanned_network_init(rng):
   """The scanned network's own params (`nn.scan`'s tree), boxed."""
-  model = models.FlixModel(SCANNED)
-  batch = model.dummy_batch(1, 8, 8)
-  return model.module.init(
-      rng,
-      batch["encoder_input_tokens"],
-      batch["decoder_input_tokens"],
-      batch["decoder_target_tokens"],
-      model.feature_ids(batch, "encoder"),
-      model.feature_ids(batch, "decoder"),
-      enable_dropout=False,
-  )["params"]
+  return models.FlixModel(SCANNED).module_init(rng)
 
 
 def test_stacking_gives_the_scanned_networks_tree_and_round_trips():
