@@ -258,7 +258,8 @@ _ENV = dict(
     TF_CPP_MIN_LOG_LEVEL="3",
     JAX_PLATFORMS="cpu",
     # Two devices, so T5X's partitioner splits the model axis in two.
-    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=2",
 )
 LENGTHS = "{'inputs': 32, 'targets': 12}"
 
@@ -450,7 +451,7 @@ def evaluated(run):
           f"--output={root / 'peft_ner_yo'}",
       ),
   }
-  env = dict(_ENV, XLA_FLAGS="")
+  env = dict(_ENV, XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
   processes = {
       name: subprocess.Popen(
           command,
