@@ -48,7 +48,7 @@ _T5X = [
 ]
 _TEST = [
     "pytest",
-    "pytest-xdist>=3.6",  # --no-loadscope-reorder (pytest.ini)
+    "pytest-xdist>=3.8",  # --no-loadscope-reorder (pytest.ini)
     "transformers",
     "torch==2.13.0",
     "peft",
