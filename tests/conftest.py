@@ -20,22 +20,30 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
   ).strip()
+
+
+def _temporary_directory_env(name: str, prefix: str) -> bool:
+  """Unless $name is set, points it at a new temporary directory, removed at
+  exit (the test run's processes and the commands they start share it).
+  Returns whether it did."""
+  if name in os.environ:
+    return False
+  os.environ[name] = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, os.environ[name], True)
+  return True
+
+
 # flix_tasks.numbers_demo trains its vocabulary into $FLIX_CACHE_DIR (default
 # ~/.cache/flix): tests, and the commands they run, keep it in a temporary one.
-if "FLIX_CACHE_DIR" not in os.environ:
-  os.environ["FLIX_CACHE_DIR"] = tempfile.mkdtemp(prefix="flix_test_cache_")
-  atexit.register(shutil.rmtree, os.environ["FLIX_CACHE_DIR"], True)
-# One persistent XLA compilation cache for the test run's processes and the
-# commands they start: the suite compiles the same tiny programs in many
-# subprocesses (a run, its restarts, its evaluation), and a cache hit halves
-# such a command's CPU time. Programs that compile in under half a second
-# are not worth the disk round trip.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
-      prefix="flix_test_xla_cache_"
-  )
+_temporary_directory_env("FLIX_CACHE_DIR", "flix_test_cache_")
+# One persistent XLA compilation cache: the suite compiles the same tiny
+# programs in many subprocesses (a run, its restarts, its evaluation), and a
+# cache hit halves such a command's CPU time. Programs that compile in under
+# half a second are not worth the disk round trip.
+if _temporary_directory_env(
+    "JAX_COMPILATION_CACHE_DIR", "flix_test_xla_cache_"
+):
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TESTDATA = REPO.parent / "shared" / "testdata"
